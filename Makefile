@@ -1,0 +1,31 @@
+# mumic-batch: `make test` and `make demo` set up .venv on their own when needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+
+.PHONY: setup test test-fast demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not spark and not slow" tests
+
+demo: setup
+	$(PY) -m jobs.demo
+
+bench: setup
+	$(PY) bench/throughput.py
+
+clean:
+	rm -rf data spark-warehouse metastore_db derby.log .pytest_cache

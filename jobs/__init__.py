@@ -1,0 +1,1 @@
+"""Thin job entry points: parse config, build the session, call one pipeline function."""

@@ -1,0 +1,51 @@
+"""What every job shares: arguments, logging, the JSON summary line and the exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Callable
+
+from mumic_batch.config import ConfigError, JobCfg, load_config
+
+log = logging.getLogger("mumic_batch.job")
+
+CONFIG_HELP = "YAML config file (see conf/ and docs/config.md); defaults apply when omitted"
+SET_HELP = "override one config key, e.g. --set infer.batch_size=64 (repeatable)"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the --config/--set pair every job takes."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[], help=SET_HELP)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def configure_logging(level: str) -> None:
+    """Logs go to stderr so stdout stays clean for the JSON summary line."""
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    logging.getLogger("py4j").setLevel(logging.WARNING)
+
+
+def run_job(name: str, args: argparse.Namespace, overrides: list[str], body: Callable[[JobCfg], dict]) -> int:
+    """Load config, run `body`, print the one-line JSON summary; return the process exit code."""
+    configure_logging(args.log_level)
+    try:
+        cfg = load_config(args.config, [*args.overrides, *overrides])
+        summary = body(cfg)
+    except ConfigError as err:
+        log.error("%s: bad configuration: %s", name, err)
+        print(json.dumps({"job": name, "ok": False, "error": str(err)}))
+        return 2
+    except Exception as err:
+        log.exception("%s failed", name)
+        print(json.dumps({"job": name, "ok": False, "error": f"{type(err).__name__}: {err}"}))
+        return 1
+    print(json.dumps({"ok": True, **summary}, default=str))
+    return 0

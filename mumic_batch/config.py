@@ -1,0 +1,296 @@
+"""Job configuration: YAML files plus `--set a.b=c` overrides, loaded into frozen dataclasses.
+
+Every key is declared here with a one-line comment; docs/config.md documents them for users.
+Unknown keys and values of the wrong type fail with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a bad value."""
+
+
+@dataclass(frozen=True)
+class SparkCfg:
+    master: str = "local[2]"  # Spark master URL; spark-submit's --master wins when set there
+    app_name: str = "mumic-batch"  # Spark application name (a job adds its own suffix)
+    delta_package: str = "io.delta:delta-spark_2.13:4.0.0"  # Maven coordinate of Delta's jars
+    packages: tuple[str, ...] = ()  # extra Maven coordinates (e.g. hadoop-aws for s3a tables)
+    driver_memory: str = "4g"  # spark.driver.memory for local runs
+    shuffle_partitions: int = 4  # spark.sql.shuffle.partitions
+    arrow_batch_rows: int = 64  # rows per Arrow batch sent to the pandas UDF (memory bound)
+    arrow_batch_bytes: int = 16_000_000  # bytes per Arrow batch, whichever limit is hit first
+    conf: dict[str, str] = field(default_factory=dict)  # any other Spark settings, verbatim
+
+    def __post_init__(self) -> None:
+        _require(self.arrow_batch_rows >= 1, "spark.arrow_batch_rows", "must be >= 1")
+        _require(self.shuffle_partitions >= 1, "spark.shuffle_partitions", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TablesCfg:
+    catalogue: str = "data/sample/catalogue"  # input: Delta path, Parquet path or catalog table name
+    catalogue_format: str = "auto"  # auto | delta | parquet | table
+    labels: str = "data/sample/labels"  # labels table (training/evaluation input)
+    labels_format: str = "auto"  # auto | delta | parquet | table
+    predictions: str = "data/out/predictions"  # output Delta path of the predictions table
+    runs: str = "data/out/runs"  # output Delta path of the runs table
+    metrics: str = "data/out/metrics"  # output Delta path of the metrics table
+
+    def __post_init__(self) -> None:
+        for key in ("catalogue_format", "labels_format"):
+            value = getattr(self, key)
+            _require(value in TABLE_FORMATS, f"tables.{key}", f"must be one of {TABLE_FORMATS}")
+
+
+TABLE_FORMATS = ("auto", "delta", "parquet", "table")
+
+
+@dataclass(frozen=True)
+class ZeroShotClassCfg:
+    name: str  # class name as stored in the outputs
+    prompt: str  # text prompt scored through the text tower
+    threshold: float = 0.5  # probability at or above which the label is assigned
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    artifact: str = "data/models/demo"  # model artifact directory (local path or s3://bucket/prefix)
+    zero_shot: tuple[ZeroShotClassCfg, ...] = ()  # extra classes scored without retraining
+
+
+@dataclass(frozen=True)
+class FetchCfg:
+    allowed_schemes: tuple[str, ...] = ("file", "s3", "http", "https")  # URI schemes that may be read
+    local_roots: tuple[str, ...] = ()  # file:// and plain paths must lie under one of these (empty: any)
+    allowed_buckets: tuple[str, ...] = ()  # s3 buckets that may be read (empty: any)
+    allowed_hosts: tuple[str, ...] = ()  # http(s) hosts that may be read (empty: any public host)
+    allowed_networks: tuple[str, ...] = ()  # CIDRs exempt from the private-address block (tests, VPC)
+    connect_timeout_s: float = 5.0  # TCP connect timeout per attempt
+    read_timeout_s: float = 10.0  # socket inactivity timeout per attempt
+    deadline_s: float = 30.0  # total time allowed for one object, retries included
+    max_bytes: int = 20_000_000  # largest object body accepted, enforced while streaming
+    max_attempts: int = 3  # attempts for retryable failures (throttling, 5xx, resets)
+    backoff_s: float = 0.2  # first retry delay; doubles per attempt, with jitter
+    max_redirects: int = 3  # http redirects followed, each hop re-checked
+    threads: int = 8  # fetch threads per Python worker
+    s3_endpoint_url: str = ""  # S3-compatible endpoint (empty: AWS default)
+    s3_region: str = ""  # S3 region (empty: the credential chain's default)
+    s3_expected_bucket_owner: str = ""  # AWS account id sent as ExpectedBucketOwner (empty: not checked)
+    ca_bundle: str = ""  # PEM file of CA certificates for https (empty: the system store)
+    user_agent: str = "mumic-batch/0.1"  # User-Agent header sent with http(s) requests
+
+    def __post_init__(self) -> None:
+        import ipaddress  # local: only this validation needs it
+
+        _require(self.max_bytes > 0, "fetch.max_bytes", "must be > 0")
+        _require(self.max_attempts >= 1, "fetch.max_attempts", "must be >= 1")
+        _require(self.threads >= 1, "fetch.threads", "must be >= 1")
+        _require(self.deadline_s > 0, "fetch.deadline_s", "must be > 0")
+        _require(self.connect_timeout_s > 0, "fetch.connect_timeout_s", "must be > 0")
+        _require(self.read_timeout_s > 0, "fetch.read_timeout_s", "must be > 0")
+        _require(self.backoff_s >= 0, "fetch.backoff_s", "must be >= 0")
+        _require(self.max_redirects >= 0, "fetch.max_redirects", "must be >= 0")
+        supported = ("file", "s3", "http", "https")  # what mumic_batch.io.fetch can read
+        unknown = sorted(set(self.allowed_schemes) - set(supported))
+        _require(not unknown, "fetch.allowed_schemes", f"has unsupported {unknown}; supported: {supported}")
+        for cidr in self.allowed_networks:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                _require(False, "fetch.allowed_networks", f"holds an invalid CIDR {cidr!r}")
+
+
+@dataclass(frozen=True)
+class DecodeCfg:
+    max_pixels: int = 40_000_000  # larger images are refused as decompression_bomb
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # Pillow formats accepted
+    draft: bool = True  # reduced-size JPEG decoding when the model input is much smaller
+
+    def __post_init__(self) -> None:
+        _require(self.max_pixels > 0, "decode.max_pixels", "must be > 0")
+        _require(len(self.formats) > 0, "decode.formats", "must list at least one format")
+        _require(all(f == f.upper() for f in self.formats), "decode.formats", "must be Pillow names in upper case")
+
+
+@dataclass(frozen=True)
+class InferCfg:
+    batch_size: int = 32  # images per model forward pass
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 (bf16 autocast on CUDA only)
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "infer.batch_size", "must be >= 1")
+        _require(self.device in ("auto", "cpu", "cuda"), "infer.device", "must be auto, cpu or cuda")
+        _require(self.precision in ("fp32", "bf16"), "infer.precision", "must be fp32 or bf16")
+
+
+@dataclass(frozen=True)
+class TagCfg:
+    full: bool = False  # reprocess every catalogue row, not only new/changed/failed ones
+    max_attempts: int = 3  # failed rows are retried by later runs up to this many attempts
+    partitions: int = 0  # repartition the work into this many tasks (0: keep the input's)
+
+    def __post_init__(self) -> None:
+        _require(self.max_attempts >= 1, "tag.max_attempts", "must be >= 1")
+        _require(self.partitions >= 0, "tag.partitions", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class SampleCfg:
+    out_dir: str = "data/sample"  # where images and tables are written
+    n_images: int = 300  # number of images
+    seed: int = 0  # generator seed; same seed, same bytes
+    width: int = 640  # image width in pixels
+    height: int = 480  # image height in pixels
+    noise_rate: float = 0.05  # train split only: each true label dropped with this probability, as many false ones added
+    table_format: str = "delta"  # delta | parquet
+
+    def __post_init__(self) -> None:
+        _require(self.n_images >= 1, "sample.n_images", "must be >= 1")
+        _require(0.0 <= self.noise_rate < 1.0, "sample.noise_rate", "must be in [0, 1)")
+        _require(self.table_format in ("delta", "parquet"), "sample.table_format", "must be delta or parquet")
+
+
+@dataclass(frozen=True)
+class InitModelCfg:
+    name: str = "mumic-demo"  # model name stored in the manifest and every prediction row
+    version: str = "v0-untrained"  # model version (part of the predictions key)
+    architecture: str = "tiny"  # "tiny" (the project's small test/demo config) or an open_clip name, e.g. ViT-B-32
+    clip_weights: str = ""  # optional open_clip checkpoint (local path) to start from instead of random init
+    seed: int = 0  # seed of the random initialisation
+
+
+@dataclass(frozen=True)
+class JobCfg:
+    spark: SparkCfg = field(default_factory=SparkCfg)
+    tables: TablesCfg = field(default_factory=TablesCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    fetch: FetchCfg = field(default_factory=FetchCfg)
+    decode: DecodeCfg = field(default_factory=DecodeCfg)
+    infer: InferCfg = field(default_factory=InferCfg)
+    tag: TagCfg = field(default_factory=TagCfg)
+    sample: SampleCfg = field(default_factory=SampleCfg)
+    init_model: InitModelCfg = field(default_factory=InitModelCfg)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {message}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobCfg:
+    """Load a YAML file (optional), apply `a.b=c` overrides, and build the frozen JobCfg."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides:
+        _apply_override(raw, item)
+    return build(JobCfg, raw, "")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain JSON-able data (stored with each run)."""
+    return _jsonable(dataclasses.asdict(cfg))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{item}' must look like section.key=value")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+
+
+def build(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking keys and value types."""
+    where = prefix or "<top level>"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key '{where}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown config key '{key}' (valid keys under {where}: {', '.join(names)})")
+    values = {name: _convert(hints[name], raw[name], _join(prefix, name)) for name in names if name in raw}
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise ConfigError(f"config section '{where}': {err}") from err
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' expects a mapping, got {value!r}")
+        return {str(k): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    return _scalar(hint, value, key)
+
+
+def _scalar(hint: Any, value: Any, key: str) -> Any:
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        raise ConfigError(f"config key '{key}' has an unsupported type {hint!r}")
+    raise ConfigError(f"config key '{key}' expects {hint.__name__}, got {value!r}")

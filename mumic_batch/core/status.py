@@ -1,0 +1,44 @@
+"""Per-row status codes. Every input row ends as `ok` or exactly one of these errors."""
+
+from __future__ import annotations
+
+OK = "ok"
+
+# Fetching
+NOT_FOUND = "not_found"
+ACCESS_DENIED = "access_denied"
+TIMEOUT = "timeout"
+TOO_LARGE = "too_large"
+BLOCKED_SCHEME = "blocked_scheme"
+BLOCKED_BUCKET = "blocked_bucket"
+BLOCKED_HOST = "blocked_host"
+BLOCKED_DESTINATION = "blocked_destination"  # private, loopback, link-local or metadata address
+BLOCKED_PATH = "blocked_path"  # local path outside the configured roots
+BAD_URI = "bad_uri"
+FETCH_ERROR = "fetch_error"  # connection reset, DNS failure, ... after the retries ran out
+THROTTLED = "throttled"  # s3 SlowDown/503 still returned after the retries ran out
+TOO_MANY_REDIRECTS = "too_many_redirects"  # http redirect chain longer than fetch.max_redirects
+# http_<code> is built by http_status(code)
+
+# Decoding
+EMPTY = "empty"
+DECODE_ERROR = "decode_error"
+TRUNCATED = "truncated"
+UNSUPPORTED_FORMAT = "unsupported_format"
+DECOMPRESSION_BOMB = "decompression_bomb"
+
+# Anything unexpected in per-row code: the row is kept, with the exception class in `error`.
+INTERNAL_ERROR = "internal_error"
+
+
+def http_status(code: int) -> str:
+    return f"http_{code}"
+
+
+class ImageError(Exception):
+    """A per-row failure with a specific status; it never fails the job."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message

@@ -1,0 +1,1 @@
+"""Byte I/O outside Spark: fetching image objects and model artifacts (no pyspark, no torch)."""

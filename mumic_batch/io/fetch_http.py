@@ -1,0 +1,222 @@
+"""http(s) reader: SSRF-checked, pinned to the checked address, capped, with bounded retries.
+
+Each request resolves the host once, checks every address (addresses.resolve_destination) and
+connects to that address itself, with Host and SNI set to the name, so DNS rebinding cannot move
+it. Redirects are followed by hand and every hop is checked again. One connection per request
+(`Connection: close`): a pool could hand back a connection pinned for another check.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from urllib.parse import urljoin
+
+from mumic_batch.config import FetchCfg
+from mumic_batch.core.status import (
+    BLOCKED_SCHEME,
+    FETCH_ERROR,
+    TIMEOUT,
+    TOO_LARGE,
+    TOO_MANY_REDIRECTS,
+    ImageError,
+    http_status,
+)
+from mumic_batch.io.addresses import IPAddress, IPNetwork, Resolver, resolve_destination, system_resolver
+from mumic_batch.io.fetch_base import Deadline, FetchError, backoff_delay, parse_retry_after
+from mumic_batch.io.uris import ParsedUri, parse_uri
+from mumic_batch.io.watchdog import Watch, Watchdog
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+_CHUNK = 64 * 1024
+
+
+class _Retryable(Exception):
+    """A failure worth another attempt (throttling, 5xx, reset, per-attempt timeout)."""
+
+    def __init__(self, status: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Redirect:
+    location: str
+
+
+def open_socket(ip: IPAddress, port: int, timeout: float) -> socket.socket:
+    """TCP connection to the checked address (tests wrap this to prove nothing else is dialled)."""
+    return socket.create_connection((str(ip), port), timeout=timeout)
+
+
+class _PinnedConnection(http.client.HTTPConnection):
+    """An HTTP(S) connection to a fixed address; Host header and SNI carry the name."""
+
+    def __init__(self, url: ParsedUri, ip: IPAddress, context: ssl.SSLContext | None,
+                 timeouts: tuple[float, float]) -> None:
+        super().__init__(url.host, url.port)
+        self.default_port = 443 if url.scheme == "https" else 80  # Host header omits a default port
+        self._ip = ip
+        self._context = context
+        self._connect_timeout, self._read_timeout = timeouts
+        self.pinned: socket.socket | None = None
+
+    def connect(self) -> None:
+        sock = open_socket(self._ip, self.port, self._connect_timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(self._read_timeout)
+        if self._context is not None:
+            sock = self._context.wrap_socket(sock, server_hostname=self.host, do_handshake_on_connect=False)
+        self.sock = self.pinned = sock
+
+    def handshake(self) -> None:
+        """TLS handshake, run after the socket is under the watchdog."""
+        if isinstance(self.pinned, ssl.SSLSocket):
+            self.pinned.do_handshake()
+
+
+class HttpReader:
+    """Reads http(s) URLs under FetchCfg's limits; thread-safe (no shared mutable state)."""
+
+    def __init__(self, cfg: FetchCfg, networks: tuple[IPNetwork, ...], watchdog: Watchdog,
+                 resolver: Resolver | None = None) -> None:
+        self._cfg = cfg
+        self._networks = networks
+        self._watchdog = watchdog
+        self._resolver = resolver or system_resolver
+        self._context = ssl.create_default_context(cafile=cfg.ca_bundle or None)
+
+    def read(self, url: ParsedUri, deadline: Deadline) -> tuple[bytes, int]:
+        """Body bytes and the number of requests made; raises FetchError."""
+        attempts = [0]
+        for _ in range(self._cfg.max_redirects + 1):
+            outcome = self._with_retries(url, deadline, attempts)
+            if isinstance(outcome, bytes):
+                return outcome, attempts[0]
+            url = self._next_hop(url, outcome.location, attempts[0])
+        raise FetchError(TOO_MANY_REDIRECTS, f"more than {self._cfg.max_redirects} redirects", attempts[0])
+
+    def _next_hop(self, url: ParsedUri, location: str, attempts: int) -> ParsedUri:
+        target = urljoin(url.raw, location)
+        try:
+            nxt = parse_uri(target)
+        except ImageError as err:
+            raise FetchError(err.status, f"redirect to {target!r}: {err.message}", attempts) from err
+        # A redirect may only lead to another web URL: never to file://, s3:// or gopher://.
+        if nxt.scheme not in ("http", "https") or nxt.scheme not in self._cfg.allowed_schemes:
+            raise FetchError(BLOCKED_SCHEME, f"redirect to scheme {nxt.scheme!r} refused", attempts)
+        log.debug("redirect %s -> %s", url.raw, nxt.raw)
+        return nxt
+
+    def _with_retries(self, url: ParsedUri, deadline: Deadline, attempts: list[int]) -> bytes | _Redirect:
+        while True:
+            attempts[0] += 1
+            try:
+                return self._request(url, deadline)
+            except ImageError as err:
+                raise FetchError(err.status, err.message, attempts[0]) from err
+            except _Retryable as err:
+                delay = self._retry_delay(err, deadline, attempts[0])
+                log.debug("retry %s in %.2fs after %s: %s", url.raw, delay, err.status, err.message)
+                time.sleep(delay)
+
+    def _retry_delay(self, err: _Retryable, deadline: Deadline, attempt: int) -> float:
+        if attempt >= self._cfg.max_attempts:
+            raise FetchError(err.status, f"{err.message} (after {attempt} attempts)", attempt)
+        delay = max(backoff_delay(self._cfg.backoff_s, attempt), err.retry_after or 0.0)
+        # Waiting past the deadline only to time out would waste the thread: give up now.
+        if delay >= deadline.remaining():
+            raise FetchError(err.status, f"{err.message} (no time left to retry)", attempt)
+        return delay
+
+    def _request(self, url: ParsedUri, deadline: Deadline) -> bytes | _Redirect:
+        ip = resolve_destination(url.host, url.port, self._cfg.allowed_hosts, self._networks, self._resolver)
+        context = self._context if url.scheme == "https" else None
+        timeouts = (deadline.cap(self._cfg.connect_timeout_s), deadline.cap(self._cfg.read_timeout_s))
+        conn = _PinnedConnection(url, ip, context, timeouts)
+        watch: Watch | None = None
+        try:
+            conn.connect()
+            assert conn.pinned is not None
+            watch = self._watchdog.watch(conn.pinned, deadline.end)
+            conn.handshake()
+            self._send(conn, url)
+            return self._receive(conn, url, deadline, watch)
+        except (ImageError, _Retryable):
+            raise
+        except Exception as err:  # noqa: BLE001 - socket, ssl and http.client raise many types
+            raise _classify(err, watch, deadline) from err
+        finally:
+            if watch is not None:
+                self._watchdog.release(watch)
+            conn.close()
+
+    def _send(self, conn: _PinnedConnection, url: ParsedUri) -> None:
+        conn.putrequest("GET", url.path, skip_accept_encoding=True)
+        # identity: a compressed body would dodge the byte cap, which counts wire bytes.
+        conn.putheader("Accept-Encoding", "identity")
+        conn.putheader("Accept", "image/*, */*;q=0.5")
+        conn.putheader("User-Agent", self._cfg.user_agent)
+        conn.putheader("Connection", "close")
+        conn.endheaders()
+
+    def _receive(self, conn: _PinnedConnection, url: ParsedUri, deadline: Deadline, watch: Watch) -> bytes | _Redirect:
+        resp = conn.getresponse()
+        code = resp.status
+        log.debug("GET %s -> %d", url.raw, code)
+        if code in REDIRECT_STATUS and resp.getheader("Location"):
+            return _Redirect(str(resp.getheader("Location")))
+        if code in RETRYABLE_STATUS:
+            raise _Retryable(http_status(code), f"http {code}", parse_retry_after(resp.getheader("Retry-After")))
+        if not 200 <= code < 300:
+            raise FetchError(http_status(code), f"http {code} {resp.reason}")
+        encoding = (resp.getheader("Content-Encoding") or "identity").strip().lower()
+        if encoding != "identity":
+            raise FetchError(FETCH_ERROR, f"Content-Encoding {encoding!r} refused (identity was requested)")
+        if resp.length is not None and resp.length > self._cfg.max_bytes:
+            raise FetchError(TOO_LARGE, f"Content-Length {resp.length} > max_bytes {self._cfg.max_bytes}")
+        return self._read_body(conn, resp, deadline, watch)
+
+    def _read_body(self, conn: _PinnedConnection, resp: http.client.HTTPResponse, deadline: Deadline,
+                   watch: Watch) -> bytes:
+        body = bytearray()
+        assert conn.pinned is not None
+        while True:
+            conn.pinned.settimeout(deadline.cap(self._cfg.read_timeout_s))
+            # read1: at most one socket read, so the deadline is checked between small reads.
+            chunk = resp.read1(_CHUNK)
+            if watch.fired:
+                raise FetchError(TIMEOUT, f"deadline of {deadline.seconds:g}s exceeded while reading")
+            if not chunk:
+                return bytes(body)
+            body += chunk
+            if len(body) > self._cfg.max_bytes:
+                # Stops lying lengths, close-delimited and endless chunked bodies alike.
+                raise FetchError(TOO_LARGE, f"body exceeds max_bytes {self._cfg.max_bytes}")
+
+
+def _classify(err: Exception, watch: Watch | None, deadline: Deadline) -> Exception:
+    """Map a low-level failure to a final FetchError or a _Retryable."""
+    name = f"{type(err).__name__}: {err}"
+    if (watch is not None and watch.fired) or deadline.remaining() <= 0:
+        return FetchError(TIMEOUT, f"deadline of {deadline.seconds:g}s exceeded ({name})")
+    if isinstance(err, TimeoutError):
+        return _Retryable(TIMEOUT, name)
+    if isinstance(err, ssl.SSLError):  # certificate or protocol trouble: retrying will not help
+        return FetchError(FETCH_ERROR, f"tls: {name}")
+    if isinstance(err, (ConnectionError, http.client.IncompleteRead)):
+        return _Retryable(FETCH_ERROR, name)
+    if isinstance(err, http.client.HTTPException):  # malformed response: not a transient fault
+        return FetchError(FETCH_ERROR, name)
+    if isinstance(err, OSError):  # unreachable network, reset, ...
+        return _Retryable(FETCH_ERROR, name)
+    return FetchError(FETCH_ERROR, name)

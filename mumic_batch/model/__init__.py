@@ -1,0 +1,1 @@
+"""The MuMIC model: torch and open_clip, never pyspark."""

@@ -1,0 +1,1 @@
+"""Spark glue: sessions and pandas UDFs (pyspark lives here and in tables/, pipeline/)."""

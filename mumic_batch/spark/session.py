@@ -1,0 +1,74 @@
+"""Build the SparkSession (local by default, or whatever spark-submit provides) with Delta enabled."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+from pyspark.sql import SparkSession
+
+from mumic_batch.config import SparkCfg
+
+log = logging.getLogger(__name__)
+
+DELTA_SETTINGS = {
+    "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+    "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+}
+
+
+def under_spark_submit() -> bool:
+    """True when spark-submit launched this driver (it then owns master, jars and memory)."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def session_settings(cfg: SparkCfg, submitted: bool) -> dict[str, str]:
+    """All Spark settings this project sets, from config."""
+    settings = dict(DELTA_SETTINGS)
+    settings.update({
+        "spark.sql.shuffle.partitions": str(cfg.shuffle_partitions),
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(cfg.arrow_batch_rows),
+        "spark.sql.execution.arrow.maxBytesPerBatch": str(cfg.arrow_batch_bytes),
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.python.worker.reuse": "true",  # keeps the per-worker model cache alive across tasks
+        "spark.python.worker.faulthandler.enabled": "true",
+        "spark.sql.session.timeZone": "UTC",
+    })
+    if not submitted:
+        settings["spark.master"] = cfg.master
+        settings["spark.driver.memory"] = cfg.driver_memory
+        settings["spark.jars.packages"] = ",".join((cfg.delta_package, *cfg.packages))
+        settings["spark.ui.showConsoleProgress"] = "false"
+    settings.update(cfg.conf)
+    return settings
+
+
+def build_session(cfg: SparkCfg, job: str) -> SparkSession:
+    """Create (or join) the SparkSession for `job`."""
+    submitted = under_spark_submit()
+    if not submitted:
+        # Executors must run the same interpreter (and venv) as the driver in local mode.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName(f"{cfg.app_name}:{job}")
+    for key, value in session_settings(cfg, submitted).items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    log.info("spark session ready: master=%s version=%s", spark.sparkContext.master, spark.version)
+    return spark
+
+
+@contextmanager
+def owned_session(cfg: SparkCfg, job: str) -> Iterator[SparkSession]:
+    """A session for one job run; stopped afterwards only if this call created it."""
+    existing = SparkSession.getActiveSession()
+    spark = existing or build_session(cfg, job)
+    try:
+        yield spark
+    finally:
+        if existing is None:
+            spark.stop()

@@ -1,0 +1,1 @@
+"""Table I/O: schemas and Delta/Parquet reads and writes."""

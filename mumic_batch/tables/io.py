@@ -1,0 +1,103 @@
+"""Reading input tables and writing Delta outputs (keyed MERGE, appends)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from delta.tables import DeltaTable
+from pyspark.sql import DataFrame, SparkSession
+
+from mumic_batch.tables.schemas import PREDICTION_KEYS, PREDICTIONS, PREDICTIONS_PARTITION
+
+log = logging.getLogger(__name__)
+
+
+class TableError(ValueError):
+    """An input table is missing or unreadable, named with the fix."""
+
+
+def resolve_format(spark: SparkSession, ref: str, fmt: str) -> str:
+    """Turn `auto` into delta, parquet or table by looking at the reference."""
+    if fmt != "auto":
+        return fmt
+    if "://" in ref and not ref.startswith("file://"):
+        return "delta" if DeltaTable.isDeltaTable(spark, ref) else "parquet"
+    path = Path(ref.removeprefix("file://"))
+    if (path / "_delta_log").is_dir():
+        return "delta"
+    if path.exists():
+        return "parquet"
+    if "/" not in ref and spark.catalog.tableExists(ref):
+        return "table"
+    raise TableError(
+        f"table '{ref}' not found: give an existing Delta or Parquet path, or a catalog table name "
+        "(set tables.*_format to delta, parquet or table to skip detection)"
+    )
+
+
+def read_table(spark: SparkSession, ref: str, fmt: str = "auto") -> DataFrame:
+    """Read a Delta path, Parquet path or catalog table."""
+    resolved = resolve_format(spark, ref, fmt)
+    log.info("reading %s table %s", resolved, ref)
+    if resolved == "table":
+        return spark.table(ref)
+    return spark.read.format(resolved).load(ref)
+
+
+def write_table(df: DataFrame, path: str, fmt: str = "delta", mode: str = "overwrite") -> None:
+    """Write a whole table (used for generated inputs such as the sample catalogue)."""
+    writer = df.write.format(fmt).mode(mode)
+    if fmt == "delta":
+        writer = writer.option("overwriteSchema", "true")
+    writer.save(path)
+
+
+def ensure_delta(spark: SparkSession, path: str, schema, partition_by: tuple[str, ...] = ()) -> DeltaTable:
+    """Create an empty Delta table with `schema` if none exists at `path`."""
+    builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(schema)
+    if partition_by:
+        builder = builder.partitionedBy(*partition_by)
+    return builder.execute()
+
+
+def merge_predictions(spark: SparkSession, source: DataFrame, path: str, model_version: str) -> None:
+    """Upsert prediction rows keyed by (image_id, model_version); a rerun adds no rows."""
+    target = ensure_delta(spark, path, PREDICTIONS, (PREDICTIONS_PARTITION,))
+    # The literal partition predicate keeps the MERGE from reading (and conflicting on) other versions.
+    version = model_version.replace("'", "''")
+    keys = " AND ".join(f"t.{k} = s.{k}" for k in PREDICTION_KEYS)
+    condition = f"t.{PREDICTIONS_PARTITION} = '{version}' AND {keys}"
+    columns = [f.name for f in PREDICTIONS.fields]
+    values = {c: f"s.{c}" for c in columns}
+    updates = dict(values)
+    # attempts counts runs on the same input (same uri and updated_at); a changed input starts over.
+    updates["attempts"] = (
+        "CASE WHEN t.uri <=> s.uri AND t.source_updated_at <=> s.source_updated_at "
+        "THEN t.attempts + 1 ELSE 1 END"
+    )
+    (
+        target.alias("t")
+        .merge(source.select(*columns).alias("s"), condition)
+        .whenMatchedUpdate(set=updates)
+        .whenNotMatchedInsert(values=values)
+        .execute()
+    )
+
+
+def append_rows(spark: SparkSession, rows: list[tuple], schema, path: str) -> None:
+    """Append a few driver-side rows (runs, metrics) to a Delta table, creating it if needed."""
+    ensure_delta(spark, path, schema)
+    spark.createDataFrame(rows, schema).write.format("delta").mode("append").save(path)
+
+
+def table_exists(spark: SparkSession, path: str) -> bool:
+    """True when `path` holds a Delta table."""
+    return DeltaTable.isDeltaTable(spark, path)
+
+
+def delete_path(spark: SparkSession, path: str) -> None:
+    """Recursively delete a path on any Hadoop filesystem (local, s3a, ...)."""
+    jvm = spark.sparkContext._jvm
+    hpath = jvm.org.apache.hadoop.fs.Path(path)
+    hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).delete(hpath, True)

@@ -1,0 +1,70 @@
+"""Schemas of the tables this project writes. docs/tables.md documents every column."""
+
+from __future__ import annotations
+
+from pyspark.sql.types import (
+    ArrayType,
+    DoubleType,
+    FloatType,
+    IntegerType,
+    LongType,
+    MapType,
+    StringType,
+    StructField,
+    StructType,
+    TimestampType,
+)
+
+# What the tagging UDF returns for each input row (before run-level columns are added).
+UDF_OUTPUT = StructType([
+    StructField("image_id", StringType(), False),
+    StructField("uri", StringType(), True),
+    StructField("source_updated_at", TimestampType(), True),
+    StructField("status", StringType(), False),
+    StructField("error", StringType(), True),
+    StructField("probs", MapType(StringType(), FloatType()), True),
+    StructField("labels", ArrayType(StringType()), True),
+    StructField("zero_shot_probs", MapType(StringType(), FloatType()), True),
+    StructField("zero_shot_labels", ArrayType(StringType()), True),
+    StructField("embedding", ArrayType(FloatType()), True),
+    StructField("content_sha256", StringType(), True),
+    StructField("width", IntegerType(), True),
+    StructField("height", IntegerType(), True),
+    StructField("fetch_ms", DoubleType(), True),
+    StructField("decode_ms", DoubleType(), True),
+    StructField("infer_ms", DoubleType(), True),
+])
+
+TIMING_COLUMNS = ("fetch_ms", "decode_ms", "infer_ms")
+
+PREDICTIONS = StructType(
+    [f for f in UDF_OUTPUT.fields if f.name not in TIMING_COLUMNS]
+    + [
+        StructField("model_name", StringType(), False),
+        StructField("model_version", StringType(), False),
+        StructField("model_sha256", StringType(), False),
+        StructField("attempts", IntegerType(), False),
+        StructField("run_id", StringType(), False),
+        StructField("tagged_at", TimestampType(), False),
+    ]
+)
+
+PREDICTION_KEYS = ("image_id", "model_version")
+PREDICTIONS_PARTITION = "model_version"
+
+RUNS = StructType([
+    StructField("run_id", StringType(), False),
+    StructField("job", StringType(), False),
+    StructField("model_name", StringType(), True),
+    StructField("model_version", StringType(), True),
+    StructField("config", StringType(), False),
+    StructField("started_at", TimestampType(), False),
+    StructField("ended_at", TimestampType(), False),
+    StructField("outcome", StringType(), False),
+    StructField("message", StringType(), True),
+    StructField("input_rows", LongType(), True),
+    StructField("processed", LongType(), True),
+    StructField("status_counts", MapType(StringType(), LongType()), True),
+    StructField("images_per_s", DoubleType(), True),
+    StructField("stage_seconds", MapType(StringType(), DoubleType()), True),
+])
