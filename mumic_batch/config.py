@@ -138,12 +138,14 @@ class InferCfg:
 @dataclass(frozen=True)
 class TagCfg:
     full: bool = False  # reprocess every catalogue row, not only new/changed/failed ones
-    max_attempts: int = 3  # failed rows are retried by later runs up to this many attempts
+    max_attempts: int = 3  # rows with a transient failure are retried by later runs up to this many attempts
+    retry_after_s: float = 6 * 3600  # a failed row is retried only once this long has passed since its attempt
     partitions: int = 0  # repartition the work into this many tasks (0: keep the input's)
 
     def __post_init__(self) -> None:
         _require(self.max_attempts >= 1, "tag.max_attempts", "must be >= 1")
         _require(self.partitions >= 0, "tag.partitions", "must be >= 0")
+        _require(self.retry_after_s >= 0, "tag.retry_after_s", "must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ the test, so a broken SSRF check can never reach a metadata service or the netwo
 from __future__ import annotations
 
 import datetime
+import errno
 import ipaddress
 import json
 import os
@@ -163,6 +164,32 @@ def test_local_permission_denied(make_fetcher: Callable[..., Fetcher], tmp_path:
     assert fail_status(make_fetcher(), str(locked)).status == status.ACCESS_DENIED
 
 
+def test_local_permission_errors_are_classified(make_fetcher: Callable[..., Fetcher], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # Runs as root too (which ignores file modes): the OS refusal is simulated at os.open.
+    from mumic_batch.io import fetch_local
+
+    def refuse(*_: Any) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    target = tmp_path / "a.jpg"
+    target.write_bytes(b"x")
+    monkeypatch.setattr(fetch_local.os, "open", refuse)
+    assert fail_status(make_fetcher(), str(target)).status == status.ACCESS_DENIED
+
+
+def test_unexpected_errors_become_internal_error(make_fetcher: Callable[..., Fetcher], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from mumic_batch.io import fetch as fetch_module
+
+    def broken(*_: Any) -> bytes:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(fetch_module, "read_local", broken)
+    err = fail_status(make_fetcher(), str(tmp_path / "a.jpg"))
+    assert err.status == status.INTERNAL_ERROR and "RuntimeError" in err.message
+
+
 # ---------------------------------------------------------------- HTTP: success, headers, statuses
 
 
@@ -247,6 +274,12 @@ def test_body_longer_than_content_length_is_never_read(make_fetcher: Callable[..
                                                        http_server: HttpServer) -> None:
     data = make_fetcher().fetch(http_server.url("/lying-length?claim=1000&size=5000000"))
     assert len(data) == 1000  # HTTP framing ends the body at the declared length
+
+
+def test_body_shorter_than_content_length_is_an_error(make_fetcher: Callable[..., Fetcher],
+                                                      http_server: HttpServer) -> None:
+    err = fail_status(make_fetcher(), http_server.url(f"/lying-length?claim=5000&size=1000&k={key()}"))
+    assert (err.status, err.attempts) == (status.FETCH_ERROR, 3)  # a cut-off body is retried, never kept
 
 
 def test_compressed_body_is_refused_not_inflated(make_fetcher: Callable[..., Fetcher],
@@ -528,10 +561,29 @@ def test_s3_access_denied(make_fetcher: Callable[..., Fetcher], s3_env: S3Server
     assert (err.status, err.attempts) == (status.ACCESS_DENIED, 1)
 
 
-def test_s3_bucket_owner_mismatch_fails_closed(make_fetcher: Callable[..., Fetcher], s3_env: S3Server) -> None:
+def test_s3_expected_bucket_owner_is_sent(make_fetcher: Callable[..., Fetcher], s3_env: S3Server) -> None:
+    # moto does not enforce ExpectedBucketOwner, so play S3's part: 403 when the owner differs.
+    from botocore.awsrequest import AWSResponse
+
     uri = s3_env.put("owned.jpg", b"jpeg")
-    fetcher = make_fetcher(**s3_cfg(s3_env, s3_expected_bucket_owner="999999999999"))
-    assert fail_status(fetcher, uri).status == status.ACCESS_DENIED
+    seen: list[str | None] = []
+
+    def owner_check(request: Any, **_: Any) -> AWSResponse | None:
+        owner = request.headers.get("x-amz-expected-bucket-owner")
+        seen.append(owner.decode() if isinstance(owner, bytes) else owner)
+        if seen[-1] not in (None, "123456789012"):  # moto's default account id
+            return AWSResponse(request.url, 403, {}, type("Raw", (), {"stream": lambda self, **_: iter(
+                [s3_error("AccessDenied")])})())
+        return None
+
+    for owner, expected in (("999999999999", status.ACCESS_DENIED), ("123456789012", None)):
+        fetcher = make_fetcher(**s3_cfg(s3_env, s3_expected_bucket_owner=owner))
+        fetcher.s3_client().meta.events.register("before-send.s3.GetObject", owner_check)
+        if expected is None:
+            assert fetcher.fetch(uri) == b"jpeg"
+        else:
+            assert fail_status(fetcher, uri).status == expected
+    assert seen == ["999999999999", "123456789012"]
 
 
 def test_s3_timeouts(make_fetcher: Callable[..., Fetcher], s3_env: S3Server) -> None:
@@ -546,3 +598,21 @@ def test_s3_timeouts(make_fetcher: Callable[..., Fetcher], s3_env: S3Server) -> 
     fetcher.s3_client().meta.events.register("before-send.s3.GetObject", time_out)
     err = fail_status(fetcher, uri)
     assert (err.status, err.attempts) == (status.TIMEOUT, 3)
+
+
+def test_s3_body_broken_off_is_retried(make_fetcher: Callable[..., Fetcher], s3_env: S3Server,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from botocore.response import StreamingBody
+
+    uri = s3_env.put("flaky-body.jpg", b"jpeg")
+    real_read, calls = StreamingBody.read, [0]
+
+    def read_once_broken(self: StreamingBody, amt: int | None = None) -> bytes:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise ConnectionResetError("reset mid-body")
+        return real_read(self, amt)
+
+    monkeypatch.setattr(StreamingBody, "read", read_once_broken)
+    result = make_fetcher(**s3_cfg(s3_env)).fetch_detailed(uri)
+    assert (result.data, result.attempts) == (b"jpeg", 2)

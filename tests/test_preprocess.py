@@ -30,7 +30,7 @@ def photo() -> Image.Image:
 
 
 @pytest.mark.parametrize("resize_mode", ["shortest", "longest", "squash"])
-@pytest.mark.parametrize(("size", "interpolation"), [(224, "bicubic"), (97, "bilinear")])
+@pytest.mark.parametrize(("size", "interpolation"), [(224, "bicubic"), (97, "bilinear"), (64, "random")])
 @pytest.mark.parametrize("shape", ["landscape", "portrait", "small"])
 def test_matches_open_clip_eval_transform(
     photo: Image.Image, resize_mode: str, size: int, interpolation: str, shape: str
@@ -71,8 +71,8 @@ def test_non_rgb_input_is_converted() -> None:
 
 def test_draft_decode_stays_close_to_full_decode() -> None:
     # Draft decoding (libjpeg DCT scaling to >= 2x the target) trades exactness for speed;
-    # on a 2000x1500 photo-like JPEG the change after preprocessing stays small.
-    data = make_jpeg(2000, 1500, seed=3)
+    # on a 1200x900 photo-like JPEG the change after preprocessing stays small.
+    data = make_jpeg(1200, 900, seed=3)
     spec = PreprocessSpec.from_open_clip_defaults(224)
     full = preprocess(decode_image(data, DecodeCfg(draft=False), 224).image, spec)
     drafted = preprocess(decode_image(data, DecodeCfg(draft=True), 224).image, spec)

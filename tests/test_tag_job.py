@@ -95,16 +95,57 @@ def test_rerun_adds_no_rows_and_says_so(spark, capsys, tmp_path, catalogue_rows,
     catalogue = write_catalogue(spark, catalogue_rows, tmp_path / "catalogue", "delta")
     run_tag(capsys, tmp_path, catalogue, tiny_artifact)
     first = predictions(spark, tmp_path).count()
+    versions_before = table_versions(spark, tmp_path / "predictions")
     again = run_tag(capsys, tmp_path, catalogue, tiny_artifact)
+    assert again["processed"] == 0
+    assert table_versions(spark, tmp_path / "predictions") == versions_before  # nothing written at all
     assert predictions(spark, tmp_path).count() == first
-    # The two failed rows are retried (attempts 1 < max_attempts 3); the good ones are left alone.
-    assert again["processed"] == 2
     full = run_tag(capsys, tmp_path, catalogue, tiny_artifact, "--full")
-    assert full["processed"] == len(catalogue_rows)
+    assert full["processed"] == len(catalogue_rows) and full["selection"] == "full"
     assert predictions(spark, tmp_path).count() == first
+    assert {r["attempts"] for r in predictions(spark, tmp_path).collect()} == {2}
     runs = spark.read.format("delta").load(str(tmp_path / "runs")).orderBy("started_at").collect()
-    assert [r["processed"] for r in runs] == [len(catalogue_rows), 2, len(catalogue_rows)]
+    assert [r["processed"] for r in runs] == [len(catalogue_rows), 0, len(catalogue_rows)]
+    assert "nothing to do" in runs[1]["message"]
     assert all(r["outcome"] == "succeeded" and json.loads(r["config"])["tables"] for r in runs)
+
+
+def table_versions(spark, path: Path) -> int:
+    from delta.tables import DeltaTable
+
+    return DeltaTable.forPath(spark, str(path)).history().count()
+
+
+@pytest.mark.parametrize("change_feed", [False, True])
+def test_new_images_only_are_processed(spark, capsys, tmp_path, catalogue_rows, tiny_artifact, change_feed):
+    path = tmp_path / "catalogue"
+    first, new = catalogue_rows[:-10], catalogue_rows[-10:]
+    writer = spark.createDataFrame(first, CATALOGUE).write.format("delta")
+    if change_feed:
+        writer = writer.option("delta.enableChangeDataFeed", "true")
+    writer.save(str(path))
+    assert run_tag(capsys, tmp_path, str(path), tiny_artifact)["processed"] == len(first)
+    spark.createDataFrame(new, CATALOGUE).write.format("delta").mode("append").save(str(path))
+    summary = run_tag(capsys, tmp_path, str(path), tiny_artifact)
+    assert summary["processed"] == 10
+    assert summary["selection"] == ("change_feed" if change_feed else "anti_join")
+    assert predictions(spark, tmp_path).count() == len(catalogue_rows)
+    assert run_tag(capsys, tmp_path, str(path), tiny_artifact)["processed"] == 0
+
+
+def test_changed_uri_or_timestamp_is_retagged(spark, capsys, tmp_path, catalogue_rows, tiny_artifact):
+    from datetime import timedelta
+
+    path = tmp_path / "catalogue"
+    write_catalogue(spark, catalogue_rows, path, "delta")
+    run_tag(capsys, tmp_path, str(path), tiny_artifact)
+    touched = [(i, u, t + timedelta(days=1)) for i, u, t in catalogue_rows[:3]] + catalogue_rows[3:]
+    write_catalogue(spark, touched, path, "delta")
+    assert run_tag(capsys, tmp_path, str(path), tiny_artifact)["processed"] == 3
+    rows = {r["image_id"]: r for r in predictions(spark, tmp_path).collect()}
+    for image_id, _, stamp in touched[:3]:
+        assert rows[image_id]["attempts"] == 1
+        assert rows[image_id]["source_updated_at"] == stamp.replace(tzinfo=None)  # session time zone is UTC
 
 
 def test_bad_artifact_fails_the_job_and_records_the_run(spark, capsys, tmp_path, catalogue_rows):

@@ -23,6 +23,7 @@ INTERPOLATIONS = {
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
     "lanczos": Image.Resampling.LANCZOS,
+    "random": Image.Resampling.BICUBIC,  # open_clip's train-time option; its eval transform uses bicubic
 }
 RESIZE_MODES = ("shortest", "longest", "squash")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 OK = "ok"
 
 # Fetching
@@ -29,6 +31,18 @@ DECOMPRESSION_BOMB = "decompression_bomb"
 
 # Anything unexpected in per-row code: the row is kept, with the exception class in `error`.
 INTERNAL_ERROR = "internal_error"
+
+
+# Failures that may go away by themselves; later runs retry them (tag.max_attempts, tag.retry_after_s).
+# Every other failure is permanent for the same input: it is redone only when the uri or
+# updated_at changes, or with --full.
+TRANSIENT = frozenset({TIMEOUT, FETCH_ERROR, THROTTLED, INTERNAL_ERROR})
+TRANSIENT_HTTP_PATTERN = r"^http_(408|429|5[0-9][0-9])$"
+
+
+def is_transient(status: str) -> bool:
+    """True when a later run should retry a row that ended with `status`."""
+    return status in TRANSIENT or re.match(TRANSIENT_HTTP_PATTERN, status) is not None
 
 
 def http_status(code: int) -> str:

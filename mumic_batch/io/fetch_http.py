@@ -119,9 +119,8 @@ class HttpReader:
 
     def _with_retries(self, url: ParsedUri, deadline: Deadline, attempts: list[int]) -> bytes | _Redirect:
         while True:
-            attempts[0] += 1
             try:
-                return self._request(url, deadline)
+                return self._request(url, deadline, attempts)
             except ImageError as err:
                 raise FetchError(err.status, err.message, attempts[0]) from err
             except _Retryable as err:
@@ -138,8 +137,9 @@ class HttpReader:
             raise FetchError(err.status, f"{err.message} (no time left to retry)", attempt)
         return delay
 
-    def _request(self, url: ParsedUri, deadline: Deadline) -> bytes | _Redirect:
+    def _request(self, url: ParsedUri, deadline: Deadline, attempts: list[int]) -> bytes | _Redirect:
         ip = resolve_destination(url.host, url.port, self._cfg.allowed_hosts, self._networks, self._resolver)
+        attempts[0] += 1  # counts requests actually tried, not those refused by the checks
         context = self._context if url.scheme == "https" else None
         timeouts = (deadline.cap(self._cfg.connect_timeout_s), deadline.cap(self._cfg.read_timeout_s))
         conn = _PinnedConnection(url, ip, context, timeouts)
@@ -197,6 +197,8 @@ class HttpReader:
             if watch.fired:
                 raise FetchError(TIMEOUT, f"deadline of {deadline.seconds:g}s exceeded while reading")
             if not chunk:
+                if resp.length:  # read1 reports a body cut short only as end of data
+                    raise http.client.IncompleteRead(bytes(body), resp.length)
                 return bytes(body)
             body += chunk
             if len(body) > self._cfg.max_bytes:

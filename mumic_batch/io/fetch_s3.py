@@ -22,7 +22,7 @@ from mumic_batch.io.fetch_base import Deadline, FetchError, backoff_delay
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 256 * 1024
+_CHUNK = 64 * 1024
 _NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404", "NoSuchBucket", "NoSuchVersion"})
 _DENIED = frozenset({"AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                      "ExpiredToken", "InvalidToken", "AccountProblem"})
@@ -32,6 +32,10 @@ _THROTTLED = frozenset({"SlowDown", "Throttling", "ThrottlingException", "Reques
 
 class _BodyRetryable(Exception):
     """The object's body broke off mid-stream; botocore does not retry that, so we do."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class S3Reader:
@@ -81,7 +85,7 @@ class S3Reader:
     def read(self, bucket: str, key: str, deadline: Deadline) -> tuple[bytes, int]:
         """Object bytes and the number of requests sent; raises FetchError."""
         if self._cfg.allowed_buckets and bucket not in self._cfg.allowed_buckets:
-            raise FetchError(BLOCKED_BUCKET, f"bucket {bucket} is not in fetch.allowed_buckets")
+            raise FetchError(BLOCKED_BUCKET, f"bucket {bucket} is not in fetch.allowed_buckets", attempts=0)
         client = self.client()
         self._local.sends = 0
         attempt = 0
@@ -98,10 +102,10 @@ class S3Reader:
     def _wait_before_retry(self, err: _BodyRetryable, attempt: int, deadline: Deadline) -> None:
         sends = max(1, self._local.sends)
         if attempt >= self._cfg.max_attempts:
-            raise FetchError(FETCH_ERROR, f"body read failed: {err}", sends) from err
+            raise FetchError(err.status, f"body read failed: {err}", sends) from err
         delay = backoff_delay(self._cfg.backoff_s, attempt)
         if delay >= deadline.remaining():
-            raise FetchError(FETCH_ERROR, f"body read failed: {err} (no time left to retry)", sends) from err
+            raise FetchError(err.status, f"body read failed: {err} (no time left to retry)", sends) from err
         log.debug("s3 body read failed (%s); retrying in %.2fs", err, delay)
         time.sleep(delay)
 
@@ -126,17 +130,15 @@ class S3Reader:
             raise FetchError(TOO_LARGE, f"ContentLength {length} > max_bytes {self._cfg.max_bytes}")
         data = bytearray()
         while True:
-            timeout = deadline.cap(self._cfg.read_timeout_s)
-            try:
-                body.set_socket_timeout(timeout)
-            except AttributeError:  # a non-socket stream (e.g. a stubbed body): nothing to set
-                pass
+            # Per-read waits are bounded by botocore's read_timeout; the deadline between chunks.
+            deadline.cap(self._cfg.read_timeout_s)
             try:
                 chunk = body.read(_CHUNK)
             except Exception as err:  # noqa: BLE001 - timeouts, resets, short reads
-                if "Timeout" in type(err).__name__ and deadline.remaining() <= 0:
+                timed_out = "Timeout" in type(err).__name__ or isinstance(err, TimeoutError)
+                if timed_out and deadline.remaining() <= 0:
                     raise FetchError(TIMEOUT, f"deadline exceeded reading body: {err}") from err
-                raise _BodyRetryable(f"{type(err).__name__}: {err}") from err
+                raise _BodyRetryable(TIMEOUT if timed_out else FETCH_ERROR, f"{type(err).__name__}: {err}") from err
             if not chunk:
                 return bytes(data)
             data += chunk

@@ -26,6 +26,9 @@ class RunRecord:
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     model_name: str | None = None
     model_version: str | None = None
+    source: str | None = None
+    source_version: int | None = None
+    selection: str | None = None
     input_rows: int | None = None
     processed: int | None = None
     status_counts: dict[str, int] = field(default_factory=dict)
@@ -37,7 +40,7 @@ class RunRecord:
         return (
             self.run_id, self.job, self.model_name, self.model_version,
             json.dumps(self.config, sort_keys=True), self.started_at, datetime.now(timezone.utc),
-            outcome, self.message, self.input_rows, self.processed, self.status_counts,
+            outcome, self.message, self.source, self.source_version, self.selection, self.input_rows, self.processed, self.status_counts,
             self.images_per_s, self.stage_seconds,
         )
 

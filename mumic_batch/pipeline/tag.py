@@ -9,12 +9,12 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from mumic_batch.config import JobCfg, to_dict
-from mumic_batch.core import status as st
 from mumic_batch.io.storage import localize_dir
 from mumic_batch.model.artifact import read_manifest
 from mumic_batch.pipeline.runs import RunRecord, write_run
+from mumic_batch.pipeline.selection import catalogue_version, select_work
 from mumic_batch.spark.udf import EngineSpec, ZeroShotClass, with_predictions
-from mumic_batch.tables.io import delete_path, merge_predictions, read_table, table_exists
+from mumic_batch.tables.io import delete_path, merge_predictions, read_table
 from mumic_batch.tables.schemas import PREDICTIONS, TIMING_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -40,12 +40,17 @@ def _tag(spark: SparkSession, cfg: JobCfg, record: RunRecord) -> dict:
     record.model_name, record.model_version = manifest.name, manifest.version
     log.info("run %s: model %s version %s from %s", record.run_id, manifest.name, manifest.version,
              cfg.model.artifact)
-    catalogue = catalogue_rows(read_table(spark, cfg.tables.catalogue, cfg.tables.catalogue_format))
+    source = catalogue_version(spark, cfg.tables)
+    # Read exactly the version recorded in the runs row, so the next change-feed run starts after it.
+    catalogue = catalogue_rows(read_table(spark, cfg.tables.catalogue, cfg.tables.catalogue_format, source[0]))
     record.input_rows = catalogue.count()
-    todo = select_work(spark, catalogue, cfg, manifest.version)
+    selection = select_work(spark, catalogue, cfg.tables, cfg.tag, manifest.version, source)
+    todo = selection.rows
+    record.source, record.source_version = cfg.tables.catalogue, selection.source_version
+    record.selection = selection.method
     record.processed = todo.count()
-    log.info("run %s: %d catalogue rows, %d to process (full=%s)", record.run_id, record.input_rows,
-             record.processed, cfg.tag.full)
+    log.info("run %s: %d catalogue rows, %d to process (selected by %s)", record.run_id, record.input_rows,
+             record.processed, selection.method)
     if record.processed:
         _score_and_merge(spark, cfg, record, todo, manifest)
     else:
@@ -66,23 +71,6 @@ def catalogue_rows(df: DataFrame) -> DataFrame:
                    updated.alias("source_updated_at"))
     latest = Window.partitionBy("image_id").orderBy(F.col("source_updated_at").desc_nulls_last(), F.col("uri"))
     return df.withColumn("_n", F.row_number().over(latest)).where("_n = 1").drop("_n")
-
-
-def select_work(spark: SparkSession, catalogue: DataFrame, cfg: JobCfg, version: str) -> DataFrame:
-    """Rows with no prediction for this version, a changed uri/updated_at, or a retryable failure."""
-    if cfg.tag.full or not table_exists(spark, cfg.tables.predictions):
-        return catalogue
-    done = (
-        spark.read.format("delta").load(cfg.tables.predictions)
-        .where(F.col("model_version") == version)
-        .select("image_id", F.col("uri").alias("p_uri"), F.col("source_updated_at").alias("p_updated"),
-                F.col("status").alias("p_status"), F.col("attempts").alias("p_attempts"))
-    )
-    joined = catalogue.join(done, "image_id", "left")
-    is_new = F.col("p_status").isNull()
-    changed = ~F.col("uri").eqNullSafe(F.col("p_uri")) | ~F.col("source_updated_at").eqNullSafe(F.col("p_updated"))
-    retry = (F.col("p_status") != st.OK) & (F.col("p_attempts") < cfg.tag.max_attempts)
-    return joined.where(is_new | changed | retry).select(*catalogue.columns)
 
 
 def _score_and_merge(spark: SparkSession, cfg: JobCfg, record: RunRecord, todo: DataFrame, manifest) -> None:
@@ -137,6 +125,7 @@ def summary(cfg: JobCfg, record: RunRecord) -> dict:
         "model_version": record.model_version,
         "input_rows": record.input_rows,
         "processed": record.processed,
+        "selection": record.selection,
         "status_counts": record.status_counts,
         "images_per_s": record.images_per_s,
         "predictions": cfg.tables.predictions,

@@ -36,13 +36,16 @@ def resolve_format(spark: SparkSession, ref: str, fmt: str) -> str:
     )
 
 
-def read_table(spark: SparkSession, ref: str, fmt: str = "auto") -> DataFrame:
-    """Read a Delta path, Parquet path or catalog table."""
+def read_table(spark: SparkSession, ref: str, fmt: str = "auto", version: int | None = None) -> DataFrame:
+    """Read a Delta path (at `version` when given), Parquet path or catalog table."""
     resolved = resolve_format(spark, ref, fmt)
-    log.info("reading %s table %s", resolved, ref)
+    log.info("reading %s table %s%s", resolved, ref, "" if version is None else f" at version {version}")
     if resolved == "table":
         return spark.table(ref)
-    return spark.read.format(resolved).load(ref)
+    reader = spark.read.format(resolved)
+    if version is not None and resolved == "delta":
+        reader = reader.option("versionAsOf", version)
+    return reader.load(ref)
 
 
 def write_table(df: DataFrame, path: str, fmt: str = "delta", mode: str = "overwrite") -> None:
@@ -53,9 +56,14 @@ def write_table(df: DataFrame, path: str, fmt: str = "delta", mode: str = "overw
     writer.save(path)
 
 
+def qualified(path: str) -> str:
+    """Local paths made absolute (Delta's table builder refuses relative locations); URIs unchanged."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
 def ensure_delta(spark: SparkSession, path: str, schema, partition_by: tuple[str, ...] = ()) -> DeltaTable:
     """Create an empty Delta table with `schema` if none exists at `path`."""
-    builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(schema)
+    builder = DeltaTable.createIfNotExists(spark).location(qualified(path)).addColumns(schema)
     if partition_by:
         builder = builder.partitionedBy(*partition_by)
     return builder.execute()
