@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from pyspark.sql import SparkSession
 
@@ -50,19 +51,36 @@ def register_views(spark: SparkSession, tables: TablesCfg) -> list[str]:
     return views
 
 
-def run_sql(spark: SparkSession, statements: list[str]) -> list[list[dict]]:
-    """Run each statement and return its rows as dicts."""
+def run_sql(spark: SparkSession, statements: list[str], params: dict[str, object] | None = None) -> list[list[dict]]:
+    """Run each statement (with the named parameters it uses) and return its rows as dicts."""
     results = []
     for sql in statements:
-        log.info("running SQL: %s", " ".join(sql.split()))
-        results.append([row.asDict(recursive=True) for row in spark.sql(sql).collect()])
+        used = {k: v for k, v in (params or {}).items() if re.search(rf":{k}\b", sql)}
+        log.info("running SQL: %s %s", " ".join(sql.split()), used or "")
+        results.append([row.asDict(recursive=True) for row in spark.sql(sql, args=used or None).collect()])
     return results
 
 
-def split_statements(text: str) -> list[str]:
-    """Split a .sql file on ';' at line ends, dropping '--' comment lines."""
-    lines = [line for line in text.splitlines() if not line.strip().startswith("--")]
-    return [s.strip() for s in "\n".join(lines).split(";\n") if s.strip().rstrip(";").strip()]
+def named_statements(text: str) -> dict[str, str]:
+    """The statements of a .sql file, keyed by their `-- name: x` line (unnamed ones by position)."""
+    named: dict[str, str] = {}
+    for i, chunk in enumerate(re.split(r";\s*(?:\n|$)", text)):
+        name = re.search(r"^--\s*name:\s*(\w+)", chunk, re.MULTILINE)
+        body = "\n".join(line for line in chunk.splitlines() if not line.strip().startswith("--")).strip()
+        if body:
+            named[name.group(1) if name else f"statement_{i + 1}"] = body
+    return named
+
+
+def parse_params(items: list[str]) -> dict[str, object]:
+    """`name=value` pairs, kept as strings (Spark casts them where a number is compared)."""
+    params: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--param '{item}' must look like name=value")
+        params[key] = value
+    return params
 
 
 def format_rows(rows: list[dict], limit: int = 20) -> str:

@@ -1,0 +1,660 @@
+#!/usr/bin/env python
+"""Throughput side by side, one run, same machine, images and model (MISSION.md speed gate).
+
+Measures, in this order, on one generated sample catalogue and one model artifact:
+
+1. model only: Predictor.predict over preprocessed pixel batches already in memory;
+2. decode ceiling: fetch+decode+preprocess alone on the engine's thread pool, and the
+   InferenceEngine with a near-free model (what the engine could do if the model cost nothing);
+3. engine: InferenceEngine over the catalogue URIs (fetch+decode+preprocess+model), no Spark;
+4. Spark: `python -m jobs.tag_images --full` in a subprocess into scratch tables, once per
+   variant (`baseline` plus any --spark-variant), reporting the job's own images_per_s (scoring
+   stage) and the whole-run wall time (interpreter and session start, selection, scoring, MERGE).
+
+Everything is written under a temporary directory, never into the repository's data/. Logs go to
+stderr; the table goes to stdout and the last stdout line is the whole result as JSON.
+
+    python bench/throughput.py --images 600 --arch tiny
+    python bench/throughput.py --images 96 --arch ViT-B-32 --spark-variant 'p2:tag.partitions=2'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python bench/throughput.py` puts bench/ first, not the repo root
+    sys.path.insert(0, str(REPO))
+
+from mumic_batch.config import InitModelCfg, JobCfg, SampleCfg, load_config  # noqa: E402
+from mumic_batch.core import status as st  # noqa: E402
+
+log = logging.getLogger("bench.throughput")
+
+GATE_RATIO = 0.9  # MISSION.md: end-to-end Spark >= 90% of model-only throughput
+_LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+_SESSION_READY = "spark session ready"
+
+
+# --------------------------------------------------------------------------------------------- args
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=600, help="sample images to generate (default 600)")
+    p.add_argument("--arch", default="tiny", help="'tiny' or an open_clip architecture, e.g. ViT-B-32 (random init)")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default: infer.batch_size)")
+    p.add_argument("--threads", type=int, help="fetch/decode threads per engine (default: fetch.threads)")
+    p.add_argument("--torch-threads", type=int, help="torch intra-op threads in this process (default: torch's)")
+    p.add_argument("--device", help="cpu | cuda | auto (default: infer.device)")
+    p.add_argument("--frame-rows", type=int, help="rows per frame fed to the engine (default: spark.arrow_batch_rows)")
+    p.add_argument("--width", type=int, default=SampleCfg.width, help="sample image width")
+    p.add_argument("--height", type=int, default=SampleCfg.height, help="sample image height")
+    p.add_argument("--seed", type=int, default=0, help="sample and model seed")
+    p.add_argument("--min-seconds", type=float, default=3.0,
+                   help="repeat the in-process phases (model, decode, engine) until each ran this long")
+    p.add_argument("--catalogue-files", type=int, help="parquet files in the catalogue (default: Spark cores)")
+    p.add_argument("--config", default=str(REPO / "conf" / "local.yaml"), help="job config the settings start from")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every phase and the Spark job (repeatable)")
+    p.add_argument("--skip-spark", action="store_true", help="measure model, decode and engine only")
+    p.add_argument("--spark-variant", action="append", default=[], metavar="NAME:KEY=VALUE[;KEY=VALUE]",
+                   help="an extra Spark run with these overrides on top (repeatable)")
+    p.add_argument("--no-baseline", action="store_true", help="run only the --spark-variant runs")
+    p.add_argument("--work-dir", help="scratch directory (default: a new temporary directory)")
+    p.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p.parse_args(argv)
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """'name:a.b=1;c.d=2' -> ('name', ['a.b=1', 'c.d=2'])."""
+    name, sep, rest = text.partition(":")
+    if not sep or not name:
+        raise SystemExit(f"--spark-variant {text!r} must look like NAME:KEY=VALUE[;KEY=VALUE]")
+    return name, [item.strip() for item in rest.split(";") if item.strip()]
+
+
+# ------------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class Result:
+    """One measured line of the table."""
+
+    name: str
+    images: int
+    seconds: float
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ips(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+
+def timed_passes(run_once: Callable[[], int], min_seconds: float) -> tuple[int, float, int]:
+    """Call run_once (returns images done) until min_seconds passed; (images, seconds, passes)."""
+    images, passes, start = 0, 0, time.perf_counter()
+    while True:
+        images += run_once()
+        passes += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return images, elapsed, passes
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its waited-for children (the Spark job and its workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def observed(measure: Callable[[], Result]) -> Result:
+    """Run one measurement and add what the machine did meanwhile: our CPU use and the load average."""
+    cpu0 = cpu_seconds()
+    result = measure()
+    used = cpu_seconds() - cpu0
+    wall = result.detail.get("total_wall_s", result.seconds)
+    result.detail["cpu_s"] = round(used, 2)
+    result.detail["cores_used"] = round(used / wall, 2) if wall else None
+    result.detail["load_1m"] = round(os.getloadavg()[0], 2)
+    return result
+
+
+# ------------------------------------------------------------------------------------------ machine
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def ram_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    import PIL
+    import pyspark
+    import torch
+    from PIL import features
+
+    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else None
+    return {
+        "cpu": cpu_model(),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "ram_gib": ram_gib(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pyspark": pyspark.__version__,
+        "pillow": PIL.__version__,
+        "libjpeg_turbo": bool(features.check_feature("libjpeg_turbo")),
+        "device": device,
+        "gpu": gpu,
+    }
+
+
+def spark_cores(master: str) -> int:
+    """Task slots of a local master: local -> 1, local[N] -> N, local[*] -> all cores."""
+    m = re.fullmatch(r"local(?:\[(\d+|\*)(?:,\d+)?\])?", master.strip())
+    if m is None or m.group(1) == "*":
+        return os.cpu_count() or 1
+    return int(m.group(1)) if m.group(1) else 1
+
+
+def spark_worker_torch_threads(cfg: JobCfg) -> int:
+    """Spark starts Python workers with OMP_NUM_THREADS=spark.task.cpus unless executorEnv sets it."""
+    conf = cfg.spark.conf
+    return int(conf.get("spark.executorEnv.OMP_NUM_THREADS", conf.get("spark.task.cpus", "1")))
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What every phase shares: the catalogue, its images and the model artifact."""
+
+    work: Path
+    catalogue: pd.DataFrame  # image_id, uri, updated_at
+    catalogue_path: Path
+    image_dir: Path
+    artifact: Path
+
+
+def make_catalogue(work: Path, n: int, width: int, height: int, seed: int, files: int) -> tuple[pd.DataFrame, Path, Path]:
+    """Generate the sample JPEGs and write the catalogue as `files` parquet files."""
+    from mumic_batch.core.sample import generate_sample
+
+    started = time.perf_counter()
+    sample = generate_sample(SampleCfg(out_dir=str(work / "sample"), n_images=n, seed=seed, width=width, height=height))
+    out = work / "sample" / "catalogue"
+    out.mkdir(parents=True, exist_ok=True)
+    frame = sample.catalogue
+    for i, part in enumerate(np.array_split(np.arange(len(frame)), max(1, files))):
+        table = pa.Table.from_pandas(frame.iloc[part].reset_index(drop=True), preserve_index=False)
+        pq.write_table(table, out / f"part-{i:05d}.parquet", coerce_timestamps="us")  # Spark reads no ns
+    log.info("catalogue: %d images %dx%d in %.1fs, %d parquet files", n, width, height,
+             time.perf_counter() - started, files)
+    return frame, out, sample.image_dir
+
+
+def make_artifact(work: Path, arch: str, seed: int) -> Path:
+    """A seeded random-init artifact of `arch` with the sample's classes (as jobs/init_model.py writes)."""
+    from mumic_batch.pipeline import init_model
+
+    started = time.perf_counter()
+    out = work / "model"
+    init_model.run(InitModelCfg(name="bench", version=f"bench-{arch}", architecture=arch, seed=seed), str(out))
+    log.info("artifact %s written in %.1fs", arch, time.perf_counter() - started)
+    return out
+
+
+def bench_overrides(args: argparse.Namespace, inputs: Inputs) -> list[str]:
+    """Overrides that point the job config at the scratch inputs and the benchmark's settings."""
+    items = [
+        f"tables.catalogue={inputs.catalogue_path}",
+        "tables.catalogue_format=parquet",
+        f"model.artifact={inputs.artifact}",
+        "fetch.allowed_schemes=[file]",
+        f"fetch.local_roots=[{inputs.image_dir}]",
+    ]
+    if args.threads is not None:
+        items.append(f"fetch.threads={args.threads}")
+    if args.batch_size is not None:
+        items.append(f"infer.batch_size={args.batch_size}")
+    if args.device is not None:
+        items.append(f"infer.device={args.device}")
+    return items + list(args.overrides)
+
+
+# ---------------------------------------------------------------------------------- in-process runs
+
+
+class NullPredictor:
+    """The Predictor interface at ~zero model cost: engine throughput is then the decode ceiling."""
+
+    def __init__(self, real: Any) -> None:
+        self.classes = real.classes
+        self.spec = real.spec
+        self.embed_dim = real.embed_dim
+
+    def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = len(pixels)
+        return np.zeros((n, len(self.classes)), np.float32), np.zeros((n, self.embed_dim), np.float32)
+
+
+def build_engine(predictor: Any, cfg: JobCfg) -> Any:
+    from mumic_batch.io.fetch import Fetcher
+    from mumic_batch.model.engine import InferenceEngine
+
+    return InferenceEngine(predictor, Fetcher(cfg.fetch), cfg.decode, cfg.infer, cfg.fetch.threads)
+
+
+def load_pixels(engine: Any, uris: list[str]) -> np.ndarray:
+    """Decode and preprocess every image once (on the engine's pool): the model-only input."""
+    prepared = list(engine.pool.map(engine.prepare, uris))
+    bad = [p.status for p in prepared if p.status != st.OK]
+    if bad:
+        raise RuntimeError(f"{len(bad)} sample images failed to prepare: {sorted(set(bad))}")
+    return np.stack([p.pixels for p in prepared])
+
+
+def bench_model(predictor: Any, pixels: np.ndarray, batch_size: int, min_seconds: float) -> Result:
+    """Predictor.predict over batches already in memory (on the device for a GPU)."""
+    import torch
+
+    batches = [torch.from_numpy(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
+    if predictor.device.type == "cuda":
+        batches = [b.to(predictor.device) for b in batches]
+    for batch in {tuple(b.shape): b for b in batches}.values():
+        predictor.predict(batch)  # warm-up of every batch shape: allocator, oneDNN primitives, lazy init
+
+    def once() -> int:
+        for batch in batches:
+            predictor.predict(batch)
+        return len(pixels)
+
+    images, seconds, passes = timed_passes(once, min_seconds)
+    return Result("model only (Predictor.predict, pixels in memory)", images, seconds,
+                  {"passes": passes, "batches_per_pass": len(batches)})
+
+
+def bench_prepare(engine: Any, uris: list[str], min_seconds: float) -> Result:
+    """fetch+decode+preprocess alone on the engine's thread pool: the CPU decode ceiling."""
+
+    def once() -> int:
+        for p in engine.pool.map(engine.prepare, uris):
+            if p.status != st.OK:
+                raise RuntimeError(f"prepare failed: {p.status} {p.error}")
+        return len(uris)
+
+    images, seconds, passes = timed_passes(once, min_seconds)
+    return Result(f"fetch+decode+preprocess only ({engine.pool._max_workers} threads)", images, seconds,
+                  {"passes": passes})
+
+
+def frames_of(catalogue: pd.DataFrame, rows: int) -> Iterator[pd.DataFrame]:
+    """The catalogue in frames of `rows`, with the columns the Spark UDF receives."""
+    frame = catalogue.rename(columns={"updated_at": "source_updated_at"})[["image_id", "uri", "source_updated_at"]]
+    for start in range(0, len(frame), rows):
+        yield frame.iloc[start:start + rows]
+
+
+def bench_engine(name: str, engine: Any, catalogue: pd.DataFrame, rows: int, min_seconds: float) -> Result:
+    """InferenceEngine.run over the catalogue; stage sums come from the output's timing columns."""
+    sums = {"fetch_s": 0.0, "decode_preprocess_s": 0.0, "infer_s": 0.0}
+    statuses: dict[str, int] = {}
+
+    def once() -> int:
+        n = 0
+        for out in engine.run(frames_of(catalogue, rows)):
+            n += len(out)
+            sums["fetch_s"] += out["fetch_ms"].sum() / 1000.0
+            sums["decode_preprocess_s"] += out["decode_ms"].sum() / 1000.0
+            sums["infer_s"] += (out["infer_ms"] * (out["status"] == st.OK)).sum() / 1000.0
+            for key, count in out["status"].value_counts().items():
+                statuses[key] = statuses.get(key, 0) + int(count)
+        return n
+
+    images, seconds, passes = timed_passes(once, min_seconds)
+    detail = {k: round(v, 3) for k, v in sums.items()}
+    detail.update(passes=passes, frame_rows=rows, status_counts=statuses,
+                  model_busy=round(sums["infer_s"] / seconds, 3) if seconds else None)
+    return Result(name, images, seconds, detail)
+
+
+def in_process(args: argparse.Namespace, cfg: JobCfg, inputs: Inputs) -> tuple[list[Result], dict[str, Any]]:
+    """Model-only, decode ceiling and engine results, plus the settings they ran with."""
+    import torch
+
+    from mumic_batch.model.predictor import Predictor
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    started = time.perf_counter()
+    predictor = Predictor.load(str(inputs.artifact), device=cfg.infer.device, precision=cfg.infer.precision)
+    load_s = time.perf_counter() - started
+    engine = build_engine(predictor, cfg)
+    null_engine = build_engine(NullPredictor(predictor), cfg)
+    uris = inputs.catalogue["uri"].tolist()
+    rows = args.frame_rows or cfg.spark.arrow_batch_rows
+    try:
+        pixels = load_pixels(engine, uris)
+        log.info("pixels in memory: %s float32 (%.0f MiB)", list(pixels.shape), pixels.nbytes / 2**20)
+        results = [observed(lambda: bench_model(predictor, pixels, cfg.infer.batch_size, args.min_seconds))]
+        del pixels
+        results.append(observed(lambda: bench_prepare(engine, uris, args.min_seconds)))
+        results.append(observed(lambda: bench_engine("engine, near-free model (decode ceiling)", null_engine,
+                                                     inputs.catalogue, rows, args.min_seconds)))
+        results.append(observed(lambda: bench_engine("engine (fetch+decode+preprocess+model)", engine,
+                                                     inputs.catalogue, rows, args.min_seconds)))
+    finally:
+        engine.close()
+        null_engine.close()
+    settings = {
+        "model_load_s": round(load_s, 2),
+        "image_size": predictor.spec.size,
+        "embed_dim": predictor.embed_dim,
+        "classes": len(predictor.classes),
+        "params_m": round(sum(p.numel() for p in predictor.model.parameters()) / 1e6, 1),
+        "torch_threads": torch.get_num_threads(),
+        "frame_rows": rows,
+        "device": str(predictor.device),
+    }
+    for r in results:
+        log.info("%-55s %8.1f images/s", r.name, r.ips)
+    return results, settings
+
+
+# ------------------------------------------------------------------------------------------- spark
+
+
+def spark_conf_dir(work: Path) -> tuple[Path, Path]:
+    """A SPARK_CONF_DIR whose spark-defaults.conf turns on an uncompressed event log (task counts)."""
+    conf_dir, events = work / "spark-conf", work / "spark-events"
+    conf_dir.mkdir(exist_ok=True)
+    events.mkdir(exist_ok=True)
+    (conf_dir / "spark-defaults.conf").write_text(
+        "spark.eventLog.enabled true\n"
+        f"spark.eventLog.dir file://{events}\n"
+        "spark.eventLog.compress false\n"
+        "spark.eventLog.rolling.enabled false\n"
+    )
+    return conf_dir, events
+
+
+def run_spark(name: str, args: argparse.Namespace, inputs: Inputs, extra: list[str]) -> Result:
+    """One `jobs.tag_images --full` subprocess into scratch tables; its summary, runs row and event log."""
+    out = inputs.work / "spark" / name
+    out.mkdir(parents=True, exist_ok=True)
+    conf_dir, events = spark_conf_dir(out)
+    sets = bench_overrides(args, inputs) + [
+        f"tables.predictions={out / 'predictions'}", f"tables.runs={out / 'runs'}", f"tables.metrics={out / 'metrics'}",
+    ] + extra
+    cmd = [sys.executable, "-m", "jobs.tag_images", "--config", str(Path(args.config).resolve()), "--full"]
+    for item in sets:
+        cmd += ["--set", item]
+    env = dict(os.environ, SPARK_CONF_DIR=str(conf_dir),
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    log.info("spark run %s: %s", name, " ".join(cmd[1:4] + ["..."] + extra))
+    started_wall, started = datetime.now(), time.perf_counter()
+    proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    (out / "job.stderr.log").write_text(proc.stderr)
+    if proc.returncode != 0:
+        log.error("spark run %s failed (rc %d); stderr tail:\n%s", name, proc.returncode, proc.stderr[-4000:])
+        raise RuntimeError(f"spark run {name} failed with exit code {proc.returncode}")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    return spark_result(name, summary, read_delta_rows(out / "runs"), proc.stderr, started_wall, wall,
+                        scoring_stage(events), extra)
+
+
+def spark_result(name: str, summary: dict[str, Any], runs: list[dict[str, Any]], stderr: str,
+                 started_wall: datetime, wall: float, stage: dict[str, Any], extra: list[str]) -> Result:
+    stages = as_dict(runs[-1]["stage_seconds"]) if runs else {}
+    score_wall = stages.get("score_wall", float("nan"))
+    detail = {
+        "overrides": extra,
+        "job_images_per_s": summary.get("images_per_s"),
+        "score_wall_s": round(score_wall, 2),
+        "merge_s": round(stages.get("merge", float("nan")), 2),
+        "session_start_s": session_start_s(stderr, started_wall),
+        "total_wall_s": round(wall, 2),
+        "worker_fetch_s": round(stages.get("fetch", 0.0), 2),
+        "worker_decode_preprocess_s": round(stages.get("decode", 0.0), 2),
+        "worker_infer_s": round(stages.get("infer", 0.0), 2),
+        "status_counts": summary.get("status_counts"),
+        "scoring_stage": stage,
+    }
+    return Result(f"spark [{name}]", int(summary.get("processed") or 0), score_wall, detail)
+
+
+def as_dict(value: Any) -> dict[str, Any]:
+    """pyarrow reads a map column as a list of (key, value) pairs."""
+    return dict(value) if value is not None else {}
+
+
+def read_delta_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a small append-only Delta table, read from its log's add actions (no Spark needed)."""
+    files: list[str] = []
+    for log_file in sorted((path / "_delta_log").glob("*.json")):
+        for line in log_file.read_text().splitlines():
+            action = json.loads(line)
+            if "add" in action:
+                files.append(action["add"]["path"])
+    rows: list[dict[str, Any]] = []
+    for name in files:
+        rows += pq.read_table(path / name).to_pylist()
+    return rows
+
+
+def session_start_s(stderr: str, started: datetime) -> float | None:
+    """Seconds from process start to the job's 'spark session ready' log line."""
+    for line in stderr.splitlines():
+        m = _LOG_TIME.match(line)
+        if m and _SESSION_READY in line:
+            ready = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
+            return round((ready - started).total_seconds(), 2)
+    return None
+
+
+def scoring_stage(events: Path) -> dict[str, Any]:
+    """The longest stage of the run (the UDF's write): its task count, wall and busy task slots."""
+    stages: dict[int, dict[str, Any]] = {}
+    for path in events.iterdir():
+        for line in path.read_text().splitlines():
+            event = json.loads(line)
+            kind = event.get("Event")
+            if kind == "SparkListenerTaskEnd":
+                info = event["Task Info"]
+                stage = stages.setdefault(event["Stage ID"], {"tasks": []})
+                stage["tasks"].append((info["Finish Time"] - info["Launch Time"]) / 1000.0)
+            elif kind == "SparkListenerStageCompleted":
+                info = event["Stage Info"]
+                stage = stages.setdefault(info["Stage ID"], {"tasks": []})
+                stage["wall"] = (info.get("Completion Time", 0) - info.get("Submission Time", 0)) / 1000.0
+    if not stages:
+        return {}
+    longest = max(stages.values(), key=lambda s: s.get("wall", 0.0))
+    wall, tasks = longest.get("wall", 0.0), sorted(longest["tasks"], reverse=True)
+    return {"tasks": len(tasks), "wall_s": round(wall, 2), "task_s": [round(t, 2) for t in tasks[:8]],
+            "busy_slots": round(sum(tasks) / wall, 2) if wall else None}
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def ratio(value: float, base: float) -> float:
+    return value / base if base > 0 else float("nan")
+
+
+def table(results: list[Result], model_ips: float) -> list[str]:
+    """One line per measurement: images, seconds, images/s and the ratio to model-only."""
+    head = (f"{'measurement':<58} {'images':>7} {'seconds':>9} {'images/s':>10} {'x model':>8} "
+            f"{'cores':>6} {'load':>5}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(f"{r.name:<58} {r.images:>7d} {r.seconds:>9.2f} {r.ips:>10.1f} {ratio(r.ips, model_ips):>8.3f} "
+                     f"{r.detail.get('cores_used') or float('nan'):>6.2f} {r.detail.get('load_1m', float('nan')):>5.1f}")
+        if r.name.startswith("spark"):
+            d = r.detail
+            wall_ips = r.images / d["total_wall_s"]
+            label = "  same run, whole-job wall (start+select+score+MERGE)"
+            lines.append(f"{label:<58} {r.images:>7d} {d['total_wall_s']:>9.2f} {wall_ips:>10.1f} "
+                         f"{ratio(wall_ips, model_ips):>8.3f}")
+    return lines
+
+
+def breakdown(results: list[Result]) -> list[str]:
+    """Where the time went, per engine and Spark run."""
+    lines = []
+    for r in results:
+        d = r.detail
+        if r.name.startswith("engine"):
+            lines.append(f"{r.name}: wall {r.seconds:.2f}s over {d['passes']} pass(es); thread-seconds "
+                         f"fetch {d['fetch_s']:.2f}, decode+preprocess {d['decode_preprocess_s']:.2f}; "
+                         f"model {d['infer_s']:.2f}s (model busy {d['model_busy']:.0%} of wall)")
+        elif r.name.startswith("spark"):
+            s = d["scoring_stage"]
+            lines.append(
+                f"{r.name} {' '.join(d['overrides']) or '(config as is)'}: total {d['total_wall_s']:.1f}s = "
+                f"session start {d['session_start_s']}s + scoring {d['score_wall_s']:.1f}s + MERGE {d['merge_s']:.1f}s"
+                f" + rest; worker sums: fetch {d['worker_fetch_s']:.1f}s, decode+preprocess "
+                f"{d['worker_decode_preprocess_s']:.1f}s, model {d['worker_infer_s']:.1f}s; scoring stage "
+                f"{s.get('tasks')} task(s), longest {s.get('task_s', [None])[0]}s, busy slots {s.get('busy_slots')}")
+    return lines
+
+
+def gate(results: list[Result], model_ips: float) -> dict[str, Any]:
+    """The MISSION speed gate on the baseline Spark run, on its scoring stage and on whole-job wall."""
+    spark = [r for r in results if r.name.startswith("spark")]
+    if not spark:
+        return {"evaluated": False}
+    base = spark[0]
+    score = ratio(base.ips, model_ips)
+    wall = ratio(base.images / base.detail["total_wall_s"], model_ips)
+    return {"evaluated": True, "run": base.name, "threshold": GATE_RATIO,
+            "scoring_ratio": round(score, 3), "scoring_holds": score >= GATE_RATIO,
+            "wall_ratio": round(wall, 3), "wall_holds": wall >= GATE_RATIO}
+
+
+def print_report(machine: dict[str, Any], settings: dict[str, Any], results: list[Result]) -> dict[str, Any]:
+    model_ips = results[0].ips
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']} GiB RAM, "
+          f"torch {machine['torch']}, pyspark {machine['pyspark']}, Pillow {machine['pillow']} "
+          f"(libjpeg-turbo {machine['libjpeg_turbo']}), device {settings['device']}"
+          + (f" ({machine['gpu']})" if machine["gpu"] else ""))
+    print(f"workload: {settings['images']} JPEGs {settings['image_width']}x{settings['image_height']}, model "
+          f"{settings['arch']} ({settings['params_m']}M params, input {settings['image_size']}px), batch "
+          f"{settings['batch_size']}, frame rows {settings['frame_rows']}")
+    print(f"threads: torch {settings['torch_threads']} in this process; fetch/decode {settings['fetch_threads']} "
+          f"per engine; Spark {settings['spark_master']} with torch {settings['spark_worker_torch_threads']} "
+          f"per Python worker (OMP_NUM_THREADS)")
+    print("columns: x model = images/s divided by model-only images/s; cores = CPU seconds used by the "
+          "benchmark and its children / wall seconds; load = 1-minute load average after the measurement")
+    print()
+    for line in table(results, model_ips):
+        print(line)
+    print()
+    for line in breakdown(results):
+        print(line)
+    verdict = gate(results, model_ips)
+    if verdict["evaluated"]:
+        print(f"\ngate (Spark >= {GATE_RATIO:.0%} of model-only, {verdict['run']}): scoring stage "
+              f"{verdict['scoring_ratio']:.1%} -> {'HOLDS' if verdict['scoring_holds'] else 'FAILS'}; "
+              f"whole-job wall {verdict['wall_ratio']:.1%} -> {'HOLDS' if verdict['wall_holds'] else 'FAILS'}")
+    return verdict
+
+
+def to_json(machine: dict[str, Any], settings: dict[str, Any], results: list[Result], verdict: dict[str, Any]) -> str:
+    model_ips = results[0].ips
+    rows = [{**asdict(r), "images_per_s": round(r.ips, 2), "ratio_to_model": round(ratio(r.ips, model_ips), 4)}
+            for r in results]
+    return json.dumps({"bench": "throughput", "machine": machine, "settings": settings, "results": rows,
+                       "gate": verdict}, default=str)
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def settings_of(args: argparse.Namespace, cfg: JobCfg, measured: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "arch": args.arch, "images": args.images, "image_width": args.width, "image_height": args.height,
+        "batch_size": cfg.infer.batch_size, "fetch_threads": cfg.fetch.threads, "precision": cfg.infer.precision,
+        "spark_master": cfg.spark.master, "spark_arrow_batch_rows": cfg.spark.arrow_batch_rows,
+        "tag_partitions": cfg.tag.partitions, "spark_worker_torch_threads": spark_worker_torch_threads(cfg),
+        "catalogue_files": args.catalogue_files or spark_cores(cfg.spark.master), **measured,
+    }
+
+
+def prepare_inputs(args: argparse.Namespace, work: Path) -> Inputs:
+    files = args.catalogue_files or spark_cores(load_config(args.config, args.overrides).spark.master)
+    frame, path, image_dir = make_catalogue(work, args.images, args.width, args.height, args.seed, files)
+    return Inputs(work, frame, path, image_dir, make_artifact(work, args.arch, args.seed))
+
+
+def run(args: argparse.Namespace, work: Path) -> int:
+    inputs = prepare_inputs(args, work)
+    cfg = load_config(args.config, bench_overrides(args, inputs))
+    results, measured = in_process(args, cfg, inputs)
+    if not args.skip_spark:
+        variants = ([] if args.no_baseline else [("baseline", [])]) + [parse_variant(v) for v in args.spark_variant]
+        results += [observed(lambda: run_spark(name, args, inputs, extra)) for name, extra in variants]
+    machine = machine_info(measured["device"])
+    settings = settings_of(args, cfg, measured)
+    verdict = print_report(machine, settings, results)
+    print(to_json(machine, settings, results, verdict), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="mumic-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    log.info("scratch directory %s", work)
+    try:
+        return run(args, work)
+    finally:
+        if args.keep:
+            log.info("kept %s", work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
