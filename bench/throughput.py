@@ -130,14 +130,18 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def observed(measure: Callable[[], Result]) -> Result:
-    """Run one measurement and add what the machine did meanwhile: our CPU use and the load average."""
+def observed(measure: Callable[[], Result], count_cpu: bool = True) -> Result:
+    """Run one measurement and add what the machine did meanwhile: our CPU use and the load average.
+
+    CPU use is left out for the Spark job (count_cpu=False): its JVM and Python workers are not
+    waited-for children of this process, so getrusage would not see them.
+    """
     cpu0 = cpu_seconds()
     result = measure()
-    used = cpu_seconds() - cpu0
-    wall = result.detail.get("total_wall_s", result.seconds)
-    result.detail["cpu_s"] = round(used, 2)
-    result.detail["cores_used"] = round(used / wall, 2) if wall else None
+    if count_cpu:
+        used = cpu_seconds() - cpu0
+        result.detail["cpu_s"] = round(used, 2)
+        result.detail["cores_used"] = round(used / result.seconds, 2) if result.seconds else None
     result.detail["load_1m"] = round(os.getloadavg()[0], 2)
     return result
 
@@ -558,6 +562,18 @@ def breakdown(results: list[Result]) -> list[str]:
     return lines
 
 
+def shared_bound(results: list[Result], device: str) -> str:
+    """What end-to-end can reach at best given the model-only and decode-ceiling rates measured here."""
+    model, decode = results[0].ips, next(r.ips for r in results if r.name.startswith("engine, near-free"))
+    if device.startswith("cpu"):
+        bound = 1.0 / (1.0 / model + 1.0 / decode)
+        how = "model and decode share the same cores: 1/(1/model + 1/decode)"
+    else:
+        bound = min(model, decode)
+        how = "model on the accelerator, decode on the CPU: min(model, decode)"
+    return f"{'bound (' + how + ')':<58} {'':>7} {'':>9} {bound:>10.1f} {ratio(bound, model):>8.3f}"
+
+
 def gate(results: list[Result], model_ips: float) -> dict[str, Any]:
     """The MISSION speed gate on the baseline Spark run, on its scoring stage and on whole-job wall."""
     spark = [r for r in results if r.name.startswith("spark")]
@@ -588,6 +604,7 @@ def print_report(machine: dict[str, Any], settings: dict[str, Any], results: lis
     print()
     for line in table(results, model_ips):
         print(line)
+    print(shared_bound(results, settings["device"]))
     print()
     for line in breakdown(results):
         print(line)
@@ -632,7 +649,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
     results, measured = in_process(args, cfg, inputs)
     if not args.skip_spark:
         variants = ([] if args.no_baseline else [("baseline", [])]) + [parse_variant(v) for v in args.spark_variant]
-        results += [observed(lambda: run_spark(name, args, inputs, extra)) for name, extra in variants]
+        results += [observed(lambda: run_spark(name, args, inputs, extra), False) for name, extra in variants]
     machine = machine_info(measured["device"])
     settings = settings_of(args, cfg, measured)
     verdict = print_report(machine, settings, results)

@@ -89,6 +89,11 @@ def test_ok_rows_carry_probabilities_embeddings_and_model(spark, capsys, tmp_pat
         assert len(row["embedding"]) == manifest.embed_dim
         assert row["model_version"] == manifest.version and row["model_sha256"] == manifest.weights_sha256
         assert row["width"] == 640 and row["height"] == 480 and len(row["content_sha256"]) == 64
+    from delta.tables import DeltaTable
+
+    detail = DeltaTable.forPath(spark, str(tmp_path / "predictions")).detail().first()
+    assert detail["partitionColumns"] == ["model_version"]
+    assert detail["properties"]["delta.enableChangeDataFeed"] == "true"
 
 
 def test_rerun_adds_no_rows_and_says_so(spark, capsys, tmp_path, catalogue_rows, tiny_artifact):

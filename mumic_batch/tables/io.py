@@ -8,7 +8,7 @@ from pathlib import Path
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 
-from mumic_batch.tables.schemas import PREDICTION_KEYS, PREDICTIONS, PREDICTIONS_PARTITION
+from mumic_batch.tables.schemas import PREDICTION_KEYS, PREDICTIONS, PREDICTIONS_PARTITION, PREDICTIONS_PROPERTIES
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +61,20 @@ def qualified(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def ensure_delta(spark: SparkSession, path: str, schema, partition_by: tuple[str, ...] = ()) -> DeltaTable:
+def ensure_delta(spark: SparkSession, path: str, schema, partition_by: tuple[str, ...] = (),
+                 properties: dict[str, str] | None = None) -> DeltaTable:
     """Create an empty Delta table with `schema` if none exists at `path`."""
     builder = DeltaTable.createIfNotExists(spark).location(qualified(path)).addColumns(schema)
     if partition_by:
         builder = builder.partitionedBy(*partition_by)
+    for key, value in (properties or {}).items():
+        builder = builder.property(key, value)
     return builder.execute()
 
 
 def merge_predictions(spark: SparkSession, source: DataFrame, path: str, model_version: str) -> None:
     """Upsert prediction rows keyed by (image_id, model_version); a rerun adds no rows."""
-    target = ensure_delta(spark, path, PREDICTIONS, (PREDICTIONS_PARTITION,))
+    target = ensure_delta(spark, path, PREDICTIONS, (PREDICTIONS_PARTITION,), PREDICTIONS_PROPERTIES)
     # The literal partition predicate keeps the MERGE from reading (and conflicting on) other versions.
     version = model_version.replace("'", "''")
     keys = " AND ".join(f"t.{k} = s.{k}" for k in PREDICTION_KEYS)
