@@ -140,7 +140,7 @@ class InferenceEngine:
                 "decode_ms": p.decode_ms,
                 "infer_ms": per_row_infer if good else 0.0,
             })
-        out = pd.DataFrame(rows, index=frame.index)
+        out = pd.DataFrame(rows, index=frame.index, columns=list(OUTPUT_COLUMNS[3:]))
         out.insert(0, "image_id", frame["image_id"].to_numpy())
         out.insert(1, "uri", frame["uri"].to_numpy())
         out.insert(2, "source_updated_at", frame["source_updated_at"].to_numpy()
