@@ -39,3 +39,8 @@ def test_udf_function_maps_frames_to_rows(tiny_artifact, hostile_images):
     assert len(out) == 1 and list(out[0]["image_id"]) == ["a", "b"]
     assert list(out[0]["status"]) == ["ok", "not_found"]
     assert [f.name for f in udf.UDF_OUTPUT.fields] == list(out[0].columns)
+
+
+def test_outside_a_task_the_configured_device_is_used():
+    assert udf.task_device("cpu") == "cpu"
+    assert udf.task_device("auto") == "auto"

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import pandas as pd
+from pyspark import TaskContext
 from pyspark.sql import DataFrame
 
 from mumic_batch.config import DecodeCfg, FetchCfg, InferCfg
@@ -15,7 +16,7 @@ from mumic_batch.tables.schemas import UDF_OUTPUT
 
 log = logging.getLogger(__name__)
 
-_ENGINES: dict["EngineSpec", object] = {}
+_ENGINES: dict[tuple["EngineSpec", str], object] = {}
 _LOCK = threading.Lock()
 
 
@@ -38,17 +39,27 @@ class EngineSpec:
     infer: InferCfg
 
 
-def get_engine(spec: EngineSpec):
-    """The worker's engine for `spec`, built on first use and reused by later tasks and batches."""
+def get_engine(spec: EngineSpec, device: str | None = None):
+    """The worker's engine for `spec` on `device`, built on first use and reused by later tasks and batches."""
+    device = device or spec.infer.device
     with _LOCK:
-        engine = _ENGINES.get(spec)
+        engine = _ENGINES.get((spec, device))
         if engine is None:
-            engine = _build_engine(spec)
-            _ENGINES[spec] = engine
+            engine = _build_engine(spec, device)
+            _ENGINES[(spec, device)] = engine
         return engine
 
 
-def _build_engine(spec: EngineSpec):
+def task_device(configured: str) -> str:
+    """The GPU Spark assigned to this task (spark.task.resource.gpu.amount), else the configured device."""
+    ctx = TaskContext.get()
+    gpus = ctx.resources().get("gpu") if ctx is not None else None
+    if configured != "cpu" and gpus is not None and gpus.addresses:
+        return f"cuda:{gpus.addresses[0]}"
+    return configured
+
+
+def _build_engine(spec: EngineSpec, device: str):
     # Imported here so the driver and non-tagging jobs never pay for torch at import time.
     from mumic_batch.io.fetch import Fetcher
     from mumic_batch.model.artifact import ClassEntry
@@ -56,14 +67,14 @@ def _build_engine(spec: EngineSpec):
     from mumic_batch.model.predictor import Predictor
 
     extras = [ClassEntry(z.name, z.prompt, z.threshold, zero_shot=True) for z in spec.zero_shot]
-    predictor = Predictor.load(spec.artifact, zero_shot=extras, device=spec.infer.device,
+    predictor = Predictor.load(spec.artifact, zero_shot=extras, device=device,
                                precision=spec.infer.precision)
     if predictor.weights_sha256 != spec.weights_sha256:
         raise RuntimeError(
             f"model artifact {spec.artifact} changed during the run "
             f"(driver saw weights {spec.weights_sha256}, worker loaded {predictor.weights_sha256})"
         )
-    log.info("python worker loaded model %s %s", predictor.model_name, predictor.model_version)
+    log.info("python worker loaded model %s %s on %s", predictor.model_name, predictor.model_version, device)
     return InferenceEngine(predictor, Fetcher(spec.fetch), spec.decode, spec.infer, spec.fetch.threads)
 
 
@@ -71,7 +82,7 @@ def tag_frames(spec: EngineSpec) -> Callable[[Iterator[pd.DataFrame]], Iterator[
     """The mapInPandas function: frames of (image_id, uri, source_updated_at) in, UDF_OUTPUT out."""
 
     def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        yield from get_engine(spec).run(frames)
+        yield from get_engine(spec, task_device(spec.infer.device)).run(frames)
 
     return run
 
