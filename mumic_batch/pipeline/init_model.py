@@ -26,7 +26,8 @@ def run(cfg: InitModelCfg, out_dir: str) -> dict:
     classes = [ClassEntry(c.name, c.prompt) for c in fine_tune_classes()]
     manifest = save_artifact(
         out_dir, model, name=cfg.name, version=cfg.version, classes=classes,
-        training_data={"kind": "untrained", "seed": cfg.seed, "clip_weights": cfg.clip_weights or None},
+        training_data={"kind": "clip_weights" if cfg.clip_weights else "untrained", "seed": cfg.seed,
+                       "clip_weights": cfg.clip_weights or None},
         overwrite=True,
     )
     return {"job": JOB, "model": out_dir, "name": manifest.name, "version": manifest.version,
