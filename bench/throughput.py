@@ -32,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -54,7 +53,14 @@ log = logging.getLogger("bench.throughput")
 
 GATE_RATIO = 0.9  # MISSION.md: end-to-end Spark >= 90% of model-only throughput
 _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
-_SESSION_READY = "spark session ready"
+# Log lines of jobs/tag_images.py that end each phase of a run (a missing one leaves its phase unknown).
+_PHASE_ENDS = (
+    ("session_start", "spark session ready"),
+    ("selection", " to process (selected by "),
+    ("scoring_and_stats", " status counts "),
+    ("merge", " merged "),
+    ("runs_row", " recorded in "),
+)
 
 
 # --------------------------------------------------------------------------------------------- args
@@ -82,6 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--spark-variant", action="append", default=[], metavar="NAME:KEY=VALUE[;KEY=VALUE]",
                    help="an extra Spark run with these overrides on top (repeatable)")
     p.add_argument("--no-baseline", action="store_true", help="run only the --spark-variant runs")
+    p.add_argument("--marginal-images", type=int, default=0,
+                   help="also run the baseline job on the first K images; the difference of the two runs is "
+                        "Spark's marginal rate without per-run fixed costs (needs a quiet machine; default 0: off)")
     p.add_argument("--work-dir", help="scratch directory (default: a new temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -218,21 +227,26 @@ class Inputs:
     artifact: Path
 
 
-def make_catalogue(work: Path, n: int, width: int, height: int, seed: int, files: int) -> tuple[pd.DataFrame, Path, Path]:
+def make_catalogue(work: Path, n: int, width: int, height: int, seed: int,
+                   files: int) -> tuple[pd.DataFrame, Path, Path]:
     """Generate the sample JPEGs and write the catalogue as `files` parquet files."""
     from mumic_batch.core.sample import generate_sample
 
     started = time.perf_counter()
     sample = generate_sample(SampleCfg(out_dir=str(work / "sample"), n_images=n, seed=seed, width=width, height=height))
-    out = work / "sample" / "catalogue"
-    out.mkdir(parents=True, exist_ok=True)
-    frame = sample.catalogue
-    for i, part in enumerate(np.array_split(np.arange(len(frame)), max(1, files))):
-        table = pa.Table.from_pandas(frame.iloc[part].reset_index(drop=True), preserve_index=False)
-        pq.write_table(table, out / f"part-{i:05d}.parquet", coerce_timestamps="us")  # Spark reads no ns
+    out = write_parquet(sample.catalogue, work / "sample" / "catalogue", files)
     log.info("catalogue: %d images %dx%d in %.1fs, %d parquet files", n, width, height,
              time.perf_counter() - started, files)
-    return frame, out, sample.image_dir
+    return sample.catalogue, out, sample.image_dir
+
+
+def write_parquet(frame: pd.DataFrame, out: Path, files: int) -> Path:
+    """`frame` as `files` parquet files under `out` (microsecond timestamps: Spark refuses nanoseconds)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for i, part in enumerate(np.array_split(np.arange(len(frame)), max(1, files))):
+        table = pa.Table.from_pandas(frame.iloc[part].reset_index(drop=True), preserve_index=False)
+        pq.write_table(table, out / f"part-{i:05d}.parquet", coerce_timestamps="us")
+    return out
 
 
 def make_artifact(work: Path, arch: str, seed: int) -> Path:
@@ -316,7 +330,7 @@ def bench_model(predictor: Any, pixels: np.ndarray, batch_size: int, min_seconds
                   {"passes": passes, "batches_per_pass": len(batches)})
 
 
-def bench_prepare(engine: Any, uris: list[str], min_seconds: float) -> Result:
+def bench_prepare(engine: Any, uris: list[str], threads: int, min_seconds: float) -> Result:
     """fetch+decode+preprocess alone on the engine's thread pool: the CPU decode ceiling."""
 
     def once() -> int:
@@ -326,7 +340,7 @@ def bench_prepare(engine: Any, uris: list[str], min_seconds: float) -> Result:
         return len(uris)
 
     images, seconds, passes = timed_passes(once, min_seconds)
-    return Result(f"fetch+decode+preprocess only ({engine.pool._max_workers} threads)", images, seconds,
+    return Result(f"fetch+decode+preprocess only ({threads} threads)", images, seconds,
                   {"passes": passes})
 
 
@@ -360,14 +374,54 @@ def bench_engine(name: str, engine: Any, catalogue: pd.DataFrame, rows: int, min
     return Result(name, images, seconds, detail)
 
 
-def in_process(args: argparse.Namespace, cfg: JobCfg, inputs: Inputs) -> tuple[list[Result], dict[str, Any]]:
+def thread_candidates(args: argparse.Namespace) -> list[int]:
+    """torch thread counts to try for model-only: --torch-threads, else 1 and every core."""
+    if args.torch_threads:
+        return [args.torch_threads]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return sorted({1, cores})
+
+
+def best_model(predictor: Any, pixels: np.ndarray, batch_size: int, args: argparse.Namespace) -> list[Result]:
+    """Model-only at each torch thread count; the fastest first (it is the gate's denominator), and kept set."""
+    import torch
+
+    runs = []
+    for threads in thread_candidates(args):
+        torch.set_num_threads(threads)
+        result = observed(lambda: bench_model(predictor, pixels, batch_size, args.min_seconds))
+        result.name = f"model only, torch {threads} thread(s)"
+        result.detail["torch_threads"] = threads
+        runs.append(result)
+    runs.sort(key=lambda r: r.ips, reverse=True)
+    torch.set_num_threads(runs[0].detail["torch_threads"])
+    runs[0].name = f"model only (Predictor.predict, in memory, torch {runs[0].detail['torch_threads']} thr)"
+    runs[0].detail["denominator"] = True
+    return runs
+
+
+def model_again(predictor: Any, pixels: np.ndarray, batch_size: int, args: argparse.Namespace) -> Result:
+    """Model-only once more after the Spark runs, to see how much the machine's speed drifted meanwhile."""
+    import torch
+
+    result = observed(lambda: bench_model(predictor, pixels, batch_size, args.min_seconds))
+    result.name = f"model only, again after the Spark runs (torch {torch.get_num_threads()} thr)"
+    result.detail.update(torch_threads=torch.get_num_threads(), denominator=True)
+    return result
+
+
+def model_rate(results: list[Result]) -> float:
+    """The gate's denominator: the best model-only rate measured (before or after Spark), the strict choice."""
+    return max(r.ips for r in results if r.detail.get("denominator"))
+
+
+def in_process(args: argparse.Namespace, cfg: JobCfg, inputs: Inputs
+               ) -> tuple[list[Result], dict[str, Any], Callable[[], Result]]:
     """Model-only, decode ceiling and engine results, plus the settings they ran with."""
     import torch
 
     from mumic_batch.model.predictor import Predictor
 
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
     started = time.perf_counter()
     predictor = Predictor.load(str(inputs.artifact), device=cfg.infer.device, precision=cfg.infer.precision)
     load_s = time.perf_counter() - started
@@ -378,9 +432,8 @@ def in_process(args: argparse.Namespace, cfg: JobCfg, inputs: Inputs) -> tuple[l
     try:
         pixels = load_pixels(engine, uris)
         log.info("pixels in memory: %s float32 (%.0f MiB)", list(pixels.shape), pixels.nbytes / 2**20)
-        results = [observed(lambda: bench_model(predictor, pixels, cfg.infer.batch_size, args.min_seconds))]
-        del pixels
-        results.append(observed(lambda: bench_prepare(engine, uris, args.min_seconds)))
+        models = best_model(predictor, pixels, cfg.infer.batch_size, args)
+        results = [*models, observed(lambda: bench_prepare(engine, uris, cfg.fetch.threads, args.min_seconds))]
         results.append(observed(lambda: bench_engine("engine, near-free model (decode ceiling)", null_engine,
                                                      inputs.catalogue, rows, args.min_seconds)))
         results.append(observed(lambda: bench_engine("engine (fetch+decode+preprocess+model)", engine,
@@ -395,12 +448,13 @@ def in_process(args: argparse.Namespace, cfg: JobCfg, inputs: Inputs) -> tuple[l
         "classes": len(predictor.classes),
         "params_m": round(sum(p.numel() for p in predictor.model.parameters()) / 1e6, 1),
         "torch_threads": torch.get_num_threads(),
+        "torch_threads_tried": thread_candidates(args),
         "frame_rows": rows,
         "device": str(predictor.device),
     }
     for r in results:
-        log.info("%-55s %8.1f images/s", r.name, r.ips)
-    return results, settings
+        log.info("%-60s %8.1f images/s", r.name, r.ips)
+    return results, settings, lambda: model_again(predictor, pixels, cfg.infer.batch_size, args)
 
 
 # ------------------------------------------------------------------------------------------- spark
@@ -455,7 +509,8 @@ def spark_result(name: str, summary: dict[str, Any], runs: list[dict[str, Any]],
         "job_images_per_s": summary.get("images_per_s"),
         "score_wall_s": round(score_wall, 2),
         "merge_s": round(stages.get("merge", float("nan")), 2),
-        "session_start_s": session_start_s(stderr, started_wall),
+        "session_start_s": phase_seconds(stderr, started_wall, wall)["session_start"],
+        "phases_s": phase_seconds(stderr, started_wall, wall),
         "total_wall_s": round(wall, 2),
         "worker_fetch_s": round(stages.get("fetch", 0.0), 2),
         "worker_decode_preprocess_s": round(stages.get("decode", 0.0), 2),
@@ -485,14 +540,25 @@ def read_delta_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def session_start_s(stderr: str, started: datetime) -> float | None:
-    """Seconds from process start to the job's 'spark session ready' log line."""
+def phase_seconds(stderr: str, started: datetime, wall: float) -> dict[str, float | None]:
+    """Seconds of each phase of the job run, from the timestamps of its log lines; 'shutdown' is the rest."""
+    ends: dict[str, float] = {}
     for line in stderr.splitlines():
         m = _LOG_TIME.match(line)
-        if m and _SESSION_READY in line:
-            ready = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
-            return round((ready - started).total_seconds(), 2)
-    return None
+        if not m:
+            continue
+        for phase, marker in _PHASE_ENDS:
+            if phase not in ends and marker in line:
+                at = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f")
+                ends[phase] = (at - started).total_seconds()
+    phases: dict[str, float | None] = {}
+    previous: float | None = 0.0
+    for phase, _ in _PHASE_ENDS:
+        end = ends.get(phase)
+        phases[phase] = round(end - previous, 2) if end is not None and previous is not None else None
+        previous = end
+    phases["shutdown"] = round(wall - previous, 2) if previous is not None else None
+    return phases
 
 
 def scoring_stage(events: Path) -> dict[str, Any]:
@@ -521,6 +587,10 @@ def scoring_stage(events: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- report
 
 
+def is_spark_run(result: Result) -> bool:
+    return "total_wall_s" in result.detail
+
+
 def ratio(value: float, base: float) -> float:
     return value / base if base > 0 else float("nan")
 
@@ -531,9 +601,10 @@ def table(results: list[Result], model_ips: float) -> list[str]:
             f"{'cores':>6} {'load':>5}")
     lines = [head, "-" * len(head)]
     for r in results:
+        cores, load = r.detail.get("cores_used") or float("nan"), r.detail.get("load_1m", float("nan"))
         lines.append(f"{r.name:<58} {r.images:>7d} {r.seconds:>9.2f} {r.ips:>10.1f} {ratio(r.ips, model_ips):>8.3f} "
-                     f"{r.detail.get('cores_used') or float('nan'):>6.2f} {r.detail.get('load_1m', float('nan')):>5.1f}")
-        if r.name.startswith("spark"):
+                     f"{cores:>6.2f} {load:>5.1f}")
+        if is_spark_run(r):
             d = r.detail
             wall_ips = r.images / d["total_wall_s"]
             label = "  same run, whole-job wall (start+select+score+MERGE)"
@@ -542,7 +613,7 @@ def table(results: list[Result], model_ips: float) -> list[str]:
     return lines
 
 
-def breakdown(results: list[Result]) -> list[str]:
+def breakdown(results: list[Result], model_ips: float) -> list[str]:
     """Where the time went, per engine and Spark run."""
     lines = []
     for r in results:
@@ -551,44 +622,66 @@ def breakdown(results: list[Result]) -> list[str]:
             lines.append(f"{r.name}: wall {r.seconds:.2f}s over {d['passes']} pass(es); thread-seconds "
                          f"fetch {d['fetch_s']:.2f}, decode+preprocess {d['decode_preprocess_s']:.2f}; "
                          f"model {d['infer_s']:.2f}s (model busy {d['model_busy']:.0%} of wall)")
-        elif r.name.startswith("spark"):
+        elif is_spark_run(r):
             s = d["scoring_stage"]
+            phases = ", ".join(f"{k} {v}" for k, v in d["phases_s"].items())
+            inside = r.images / d["worker_infer_s"] if d["worker_infer_s"] else float("nan")
             lines.append(
-                f"{r.name} {' '.join(d['overrides']) or '(config as is)'}: total {d['total_wall_s']:.1f}s = "
-                f"session start {d['session_start_s']}s + scoring {d['score_wall_s']:.1f}s + MERGE {d['merge_s']:.1f}s"
-                f" + rest; worker sums: fetch {d['worker_fetch_s']:.1f}s, decode+preprocess "
-                f"{d['worker_decode_preprocess_s']:.1f}s, model {d['worker_infer_s']:.1f}s; scoring stage "
+                f"{r.name} {' '.join(d['overrides']) or '(config as is)'}: total {d['total_wall_s']:.1f}s, "
+                f"phases (s): {phases}; of which scoring (staging write) {d['score_wall_s']:.1f}s, MERGE "
+                f"{d['merge_s']:.1f}s; worker sums: fetch {d['worker_fetch_s']:.1f}s, decode+preprocess "
+                f"{d['worker_decode_preprocess_s']:.1f}s, model {d['worker_infer_s']:.1f}s (model rate inside "
+                f"Spark {inside:.1f} images/s = {ratio(inside, model_ips):.2f} x model); scoring stage "
                 f"{s.get('tasks')} task(s), longest {s.get('task_s', [None])[0]}s, busy slots {s.get('busy_slots')}")
     return lines
 
 
-def shared_bound(results: list[Result], device: str) -> str:
+def shared_bound(results: list[Result], device: str, cores: int) -> list[str]:
     """What end-to-end can reach at best given the model-only and decode-ceiling rates measured here."""
-    model, decode = results[0].ips, next(r.ips for r in results if r.name.startswith("engine, near-free"))
-    if device.startswith("cpu"):
-        bound = 1.0 / (1.0 / model + 1.0 / decode)
-        how = "model and decode share the same cores: 1/(1/model + 1/decode)"
-    else:
-        bound = min(model, decode)
-        how = "model on the accelerator, decode on the CPU: min(model, decode)"
-    return f"{'bound (' + how + ')':<58} {'':>7} {'':>9} {bound:>10.1f} {ratio(bound, model):>8.3f}"
+    model = model_rate(results)
+    best = next(r for r in results if r.detail.get("denominator"))
+    decode = next(r for r in results if r.name.startswith("engine, near-free"))
+    if not device.startswith("cpu"):
+        return [bound_line("bound (model on the accelerator, decode on the CPU: min(model, decode))",
+                           min(model, decode.ips), model)]
+    serial = 1.0 / (1.0 / model + 1.0 / decode.ips)
+    lines = [bound_line("bound if model and decode take turns on all cores: 1/(1/model+1/decode)", serial, model)]
+    if "cpu_s" in best.detail and "cpu_s" in decode.detail:
+        per_image = best.detail["cpu_s"] / best.images + decode.detail["cpu_s"] / decode.images
+        by_cpu = min(model, decode.ips, cores / per_image)
+        lines.append(bound_line(f"bound from CPU time: min(model, decode, {cores} cores / CPU s per image)", by_cpu,
+                                model))
+    return lines
+
+
+def bound_line(label: str, value: float, model: float) -> str:
+    return f"{label:<76} {value:>10.1f} {ratio(value, model):>8.3f}"
 
 
 def gate(results: list[Result], model_ips: float) -> dict[str, Any]:
     """The MISSION speed gate on the baseline Spark run, on its scoring stage and on whole-job wall."""
-    spark = [r for r in results if r.name.startswith("spark")]
+    spark = [r for r in results if is_spark_run(r)]
     if not spark:
         return {"evaluated": False}
     base = spark[0]
     score = ratio(base.ips, model_ips)
     wall = ratio(base.images / base.detail["total_wall_s"], model_ips)
-    return {"evaluated": True, "run": base.name, "threshold": GATE_RATIO,
-            "scoring_ratio": round(score, 3), "scoring_holds": score >= GATE_RATIO,
-            "wall_ratio": round(wall, 3), "wall_holds": wall >= GATE_RATIO}
+    verdict = {"evaluated": True, "run": base.name, "threshold": GATE_RATIO,
+               "scoring_ratio": round(score, 3), "scoring_holds": score >= GATE_RATIO,
+               "wall_ratio": round(wall, 3), "wall_holds": wall >= GATE_RATIO}
+    for r in results:
+        if r.name.startswith("marginal:"):
+            value = ratio(r.ips, model_ips)
+            # faster than the model alone is impossible: the two runs saw different machine speeds
+            resolved = bool(np.isfinite(value)) and value <= 1.0
+            verdict["marginal_ratio"] = round(value, 3)
+            verdict["marginal_holds"] = value >= GATE_RATIO if resolved else None
+            verdict["fixed_s"] = r.detail["fixed_s"] if resolved else None
+    return verdict
 
 
 def print_report(machine: dict[str, Any], settings: dict[str, Any], results: list[Result]) -> dict[str, Any]:
-    model_ips = results[0].ips
+    model_ips = model_rate(results)
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']} GiB RAM, "
           f"torch {machine['torch']}, pyspark {machine['pyspark']}, Pillow {machine['pillow']} "
           f"(libjpeg-turbo {machine['libjpeg_turbo']}), device {settings['device']}"
@@ -596,32 +689,56 @@ def print_report(machine: dict[str, Any], settings: dict[str, Any], results: lis
     print(f"workload: {settings['images']} JPEGs {settings['image_width']}x{settings['image_height']}, model "
           f"{settings['arch']} ({settings['params_m']}M params, input {settings['image_size']}px), batch "
           f"{settings['batch_size']}, frame rows {settings['frame_rows']}")
-    print(f"threads: torch {settings['torch_threads']} in this process; fetch/decode {settings['fetch_threads']} "
+    print(f"threads: torch {settings['torch_threads']} in this process (best of {settings['torch_threads_tried']} "
+          f"for model-only, also used by the engine); fetch/decode {settings['fetch_threads']} "
           f"per engine; Spark {settings['spark_master']} with torch {settings['spark_worker_torch_threads']} "
           f"per Python worker (OMP_NUM_THREADS)")
-    print("columns: x model = images/s divided by model-only images/s; cores = CPU seconds used by the "
-          "benchmark and its children / wall seconds; load = 1-minute load average after the measurement")
+    print("columns: x model = images/s divided by the best model-only images/s (before or after Spark); cores = "
+          "CPU seconds used by the benchmark and its children / wall seconds; load = 1-minute load average after "
+          "the measurement")
     print()
     for line in table(results, model_ips):
         print(line)
-    print(shared_bound(results, settings["device"]))
+    for line in shared_bound(results, settings["device"], machine["cores"]):
+        print(line)
     print()
-    for line in breakdown(results):
+    for line in breakdown(results, model_ips):
         print(line)
     verdict = gate(results, model_ips)
     if verdict["evaluated"]:
         print(f"\ngate (Spark >= {GATE_RATIO:.0%} of model-only, {verdict['run']}): scoring stage "
               f"{verdict['scoring_ratio']:.1%} -> {'HOLDS' if verdict['scoring_holds'] else 'FAILS'}; "
-              f"whole-job wall {verdict['wall_ratio']:.1%} -> {'HOLDS' if verdict['wall_holds'] else 'FAILS'}")
+              f"whole-job wall {verdict['wall_ratio']:.1%} -> {'HOLDS' if verdict['wall_holds'] else 'FAILS'}"
+              + marginal_text(verdict))
     return verdict
 
 
+def marginal_text(verdict: dict[str, Any]) -> str:
+    if "marginal_ratio" not in verdict:
+        return ""
+    if verdict["marginal_holds"] is None:
+        return f"; marginal rate {verdict['marginal_ratio']:.1%} -> UNRESOLVED (machine speed changed between runs)"
+    return (f"; marginal rate {verdict['marginal_ratio']:.1%} -> {'HOLDS' if verdict['marginal_holds'] else 'FAILS'}"
+            f" (per-run fixed cost of the scoring stage {verdict['fixed_s']}s)")
+
+
 def to_json(machine: dict[str, Any], settings: dict[str, Any], results: list[Result], verdict: dict[str, Any]) -> str:
-    model_ips = results[0].ips
+    model_ips = model_rate(results)
     rows = [{**asdict(r), "images_per_s": round(r.ips, 2), "ratio_to_model": round(ratio(r.ips, model_ips), 4)}
             for r in results]
-    return json.dumps({"bench": "throughput", "machine": machine, "settings": settings, "results": rows,
-                       "gate": verdict}, default=str)
+    data = {"bench": "throughput", "machine": machine, "settings": settings, "results": rows, "gate": verdict}
+    return json.dumps(finite(data), default=str)
+
+
+def finite(value: Any) -> Any:
+    """NaN and infinities become null, so the line is strict JSON."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -643,13 +760,42 @@ def prepare_inputs(args: argparse.Namespace, work: Path) -> Inputs:
     return Inputs(work, frame, path, image_dir, make_artifact(work, args.arch, args.seed))
 
 
+def spark_variants(args: argparse.Namespace, inputs: Inputs) -> list[tuple[str, list[str]]]:
+    """(name, overrides) of every Spark run: baseline, its small twin for the marginal rate, the variants."""
+    runs = [] if args.no_baseline else [("baseline", [])]
+    small = args.marginal_images
+    if runs and 0 < small < args.images:
+        path = write_parquet(inputs.catalogue.iloc[:small], inputs.work / "sample" / "catalogue-small",
+                             args.catalogue_files or 1)
+        runs.append(("baseline-small", [f"tables.catalogue={path}"]))
+    return runs + [parse_variant(v) for v in args.spark_variant]
+
+
+def marginal(results: list[Result]) -> list[Result]:
+    """Baseline minus its small twin: images/s of the extra images, i.e. without per-run fixed costs."""
+    runs = {r.name: r for r in results}
+    big, small = runs.get("spark [baseline]"), runs.get("spark [baseline-small]")
+    if big is None or small is None:
+        return []
+    images, seconds = big.images - small.images, big.seconds - small.seconds
+    if seconds <= 0:
+        log.warning("marginal rate unresolved: the small run took as long as the full one (noise > signal; "
+                    "use more images)")
+    rate = images / seconds if seconds > 0 else float("nan")
+    fixed = big.seconds - big.images / rate if seconds > 0 else float("nan")
+    return [Result("marginal: spark [baseline] minus [baseline-small]", images, seconds,
+                   {"fixed_s": round(fixed, 2), "load_1m": big.detail.get("load_1m")})]
+
+
 def run(args: argparse.Namespace, work: Path) -> int:
     inputs = prepare_inputs(args, work)
     cfg = load_config(args.config, bench_overrides(args, inputs))
-    results, measured = in_process(args, cfg, inputs)
+    results, measured, again = in_process(args, cfg, inputs)
     if not args.skip_spark:
-        variants = ([] if args.no_baseline else [("baseline", [])]) + [parse_variant(v) for v in args.spark_variant]
-        results += [observed(lambda: run_spark(name, args, inputs, extra), False) for name, extra in variants]
+        results += [observed(lambda: run_spark(name, args, inputs, extra), False)
+                    for name, extra in spark_variants(args, inputs)]
+        results += marginal(results)
+        results.append(again())
     machine = machine_info(measured["device"])
     settings = settings_of(args, cfg, measured)
     verdict = print_report(machine, settings, results)

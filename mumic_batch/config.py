@@ -140,11 +140,13 @@ class TagCfg:
     full: bool = False  # reprocess every catalogue row, not only new/changed/failed ones
     max_attempts: int = 3  # rows with a transient failure are retried by later runs up to this many attempts
     retry_after_s: float = 6 * 3600  # a failed row is retried only once this long has passed since its attempt
-    partitions: int = 0  # repartition the work into this many tasks (0: keep the input's)
+    partitions: int = 0  # tasks to score in; 0: auto, one per task slot, at least rows_per_task rows each
+    rows_per_task: int = 500  # auto partitioning: fewer rows than this per task are not worth a model load
 
     def __post_init__(self) -> None:
         _require(self.max_attempts >= 1, "tag.max_attempts", "must be >= 1")
         _require(self.partitions >= 0, "tag.partitions", "must be >= 0")
+        _require(self.rows_per_task >= 1, "tag.rows_per_task", "must be >= 1")
         _require(self.retry_after_s >= 0, "tag.retry_after_s", "must be >= 0")
 
 
@@ -173,6 +175,129 @@ class InitModelCfg:
     seed: int = 0  # seed of the random initialisation
 
 
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
+TOWERS = ("image", "text", "both", "none")
+LOSSES = ("tempered", "focal", "asl")
+
+
+@dataclass(frozen=True)
+class ClassPromptCfg:
+    name: str  # class name as it appears in the labels table
+    prompt: str  # text prompt whose embedding is the class's classifier weight
+
+
+@dataclass(frozen=True)
+class PretrainCfg:
+    out: str = "data/models/base"  # local directory the base artifact is written to
+    overwrite: bool = False  # replace an existing artifact at pretrain.out
+    name: str = "mumic-base"  # model name in the base artifact's manifest
+    version: str = "base-v1"  # model version in the base artifact's manifest
+    architecture: str = "demo"  # "demo" or "tiny" (the project's small configs) or an open_clip name
+    split: str = "train"  # labels-table split whose captions are used
+    caption_column: str = "caption"  # labels-table column holding one caption per image
+    steps: int = 800  # optimiser steps
+    batch_size: int = 128  # image-caption pairs per step (every other pair of the batch is a negative)
+    lr: float = 1e-3  # peak AdamW learning rate
+    weight_decay: float = 0.1  # AdamW weight decay (never on gains, biases and the logit scale)
+    warmup_steps: int = 50  # linear warm-up steps, then cosine decay to zero
+    shift: int = 4  # random translation augmentation in model-input pixels (0: none)
+    seed: int = 0  # seed of the initialisation, the batch order and the augmentation
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 (bf16 autocast on CUDA only)
+
+    def __post_init__(self) -> None:
+        _check_optim("pretrain", self.steps, self.batch_size, self.warmup_steps, self.shift)
+        _require(self.lr > 0, "pretrain.lr", "must be > 0")
+        _check_device("pretrain", self.device, self.precision)
+        _require(self.weight_decay >= 0, "pretrain.weight_decay", "must be >= 0")
+        _require(bool(self.name and self.version), "pretrain.name", "and pretrain.version must not be empty")
+
+
+@dataclass(frozen=True)
+class TrainCfg:
+    base: str = "data/models/base"  # starting model: a MuMIC artifact (local path or s3://)
+    clip_weights: str = ""  # instead of train.base: open_clip weights (local path, s3:// or hf-hub:org/repo, offline cache)
+    architecture: str = ""  # architecture of train.clip_weights: an open_clip name, "demo" or "tiny"
+    name: str = "mumic-demo"  # model name in the manifest and every prediction row
+    version: str = ""  # model version; empty: ft-<UTC time>, a new version for every training run
+    overwrite: bool = False  # replace an existing artifact at model.artifact
+    classes: tuple[ClassPromptCfg, ...] = ()  # classes to train (empty: the sample catalogue's fine-tuning classes)
+    label_column: str = "labels"  # array<string> column of positive labels
+    negatives_column: str = "negatives"  # optional array<string> column of explicit negative labels
+    mask_unannotated: bool = False  # only pairs named in the label or negatives column count (partial labels)
+    train_split: str = "train"  # labels-table split trained on
+    val_split: str = "val"  # split for early stopping and thresholds
+    towers: str = "image"  # towers that train: image | text | both | none (temperature and bias only)
+    lr_image: float = 5e-4  # peak learning rate of the image tower
+    lr_text: float = 1e-4  # peak learning rate of the text tower
+    lr_head: float = 1e-2  # peak learning rate of the log temperature and the bias
+    weight_decay: float = 0.05  # AdamW weight decay of the towers' matrices
+    loss: str = "tempered"  # tempered (MuMIC's) | focal | asl (baselines)
+    gamma: float = 0.0  # focusing exponent of the tempered loss, (1 - p_t)^gamma (0: none)
+    learn_scale: bool = True  # learnable log temperature, initialised from the base model's logit scale
+    bias: bool = True  # learnable logit bias
+    init_bias: float = -2.0  # initial bias when the base model has none
+    epochs: int = 40  # most epochs; the cosine schedule spans all of them
+    batch_size: int = 32  # images per step (each with every class)
+    warmup_steps: int = 20  # linear warm-up steps, then cosine decay to zero
+    patience: int = 10  # early stopping: epochs without a better validation GAP (0: never stop early)
+    shift: int = 4  # random translation augmentation in model-input pixels (0: none)
+    checkpoint_dir: str = ""  # periodic checkpoints (empty: <model.artifact>.ckpt); the same run resumes there
+    checkpoint_every: int = 5  # epochs between checkpoints (0: no checkpoints)
+    resume: bool = True  # continue from a checkpoint of the same run (same config, base and data) if present
+    target_precision: float = 0.8  # per-class threshold: lowest validation score whose precision reaches this
+    seed: int = 0  # seed of the batch order and the augmentation
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 (bf16 autocast on CUDA only)
+
+    def __post_init__(self) -> None:
+        _check_optim("train", self.epochs, self.batch_size, self.warmup_steps, self.shift)
+        for key in ("lr_image", "lr_text", "lr_head"):
+            _require(getattr(self, key) > 0, f"train.{key}", "must be > 0")
+        _check_device("train", self.device, self.precision)
+        _require(self.towers in TOWERS, "train.towers", f"must be one of {TOWERS}")
+        _require(self.loss in LOSSES, "train.loss", f"must be one of {LOSSES}")
+        _require(self.gamma >= 0, "train.gamma", "must be >= 0")
+        _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _require(self.patience >= 0 and self.checkpoint_every >= 0, "train.patience",
+                 "and train.checkpoint_every must be >= 0")
+        _require(0.0 < self.target_precision <= 1.0, "train.target_precision", "must be in (0, 1]")
+        _require(not self.clip_weights or bool(self.architecture), "train.architecture",
+                 "must name the architecture of train.clip_weights")
+        _require(self.train_split != self.val_split, "train.val_split", "must differ from train.train_split")
+        names = [c.name for c in self.classes]
+        _require(len(names) == len(set(names)), "train.classes", "has duplicate names")
+
+
+@dataclass(frozen=True)
+class EvaluateCfg:
+    split: str = "test"  # labels-table split that is scored
+    label_column: str = "labels"  # array<string> column of positive labels
+    dataset: str = ""  # dataset name in the metrics table (empty: tables.labels)
+    gap_k: int = 10  # k of GAP@k
+    map_classes: tuple[str, ...] = ()  # classes of the macro mAP (empty: the evaluate.majority most frequent)
+    majority: int = 8  # how many classes, by support in the split, the default macro mAP averages
+    report_dir: str = "data/out/reports"  # the Markdown report goes to <report_dir>/<model_version>-<split>/
+
+    def __post_init__(self) -> None:
+        _require(self.gap_k >= 1, "evaluate.gap_k", "must be >= 1")
+        _require(self.majority >= 1, "evaluate.majority", "must be >= 1")
+
+
+def _check_optim(section: str, length: int, batch_size: int, warmup: int, shift: int) -> None:
+    """Checks shared by the pretraining and training sections."""
+    _require(length >= 1, f"{section}.{'steps' if section == 'pretrain' else 'epochs'}", "must be >= 1")
+    _require(batch_size >= 2, f"{section}.batch_size", "must be >= 2")
+    _require(warmup >= 0, f"{section}.warmup_steps", "must be >= 0")
+    _require(shift >= 0, f"{section}.shift", "must be >= 0")
+
+
+def _check_device(section: str, device: str, precision: str) -> None:
+    _require(device in DEVICES, f"{section}.device", f"must be one of {DEVICES}")
+    _require(precision in PRECISIONS, f"{section}.precision", f"must be one of {PRECISIONS}")
+
+
 @dataclass(frozen=True)
 class JobCfg:
     spark: SparkCfg = field(default_factory=SparkCfg)
@@ -184,6 +309,9 @@ class JobCfg:
     tag: TagCfg = field(default_factory=TagCfg)
     sample: SampleCfg = field(default_factory=SampleCfg)
     init_model: InitModelCfg = field(default_factory=InitModelCfg)
+    pretrain: PretrainCfg = field(default_factory=PretrainCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    evaluate: EvaluateCfg = field(default_factory=EvaluateCfg)
 
 
 def _require(ok: bool, key: str, message: str) -> None:

@@ -84,3 +84,17 @@ def test_config_doc_is_current():
 
     doc = (CONF.parent / "docs" / "config.md").read_text()
     assert doc == render(), "docs/config.md is stale: run python -m mumic_batch.config_doc > docs/config.md"
+
+
+@pytest.mark.parametrize("partitions, rows, slots, want", [
+    (0, 300, 8, 1),      # small run: one model load
+    (0, 10_000, 8, 8),   # large run: every slot busy
+    (0, 1_200, 8, 3),    # in between: at least rows_per_task rows per task
+    (0, 0, 8, 1),
+    (5, 10, 8, 5),       # explicit setting wins
+])
+def test_score_tasks(partitions, rows, slots, want):
+    from mumic_batch.config import TagCfg
+    from mumic_batch.pipeline.tag import score_tasks
+
+    assert score_tasks(TagCfg(partitions=partitions, rows_per_task=500), rows, slots) == want

@@ -8,7 +8,7 @@ import time
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from mumic_batch.config import JobCfg, to_dict
+from mumic_batch.config import JobCfg, TagCfg, to_dict
 from mumic_batch.io.storage import localize_dir
 from mumic_batch.model.artifact import read_manifest
 from mumic_batch.pipeline.runs import RunRecord, write_run
@@ -74,8 +74,11 @@ def catalogue_rows(df: DataFrame) -> DataFrame:
 
 
 def _score_and_merge(spark: SparkSession, cfg: JobCfg, record: RunRecord, todo: DataFrame, manifest) -> None:
-    if cfg.tag.partitions:
-        todo = todo.repartition(cfg.tag.partitions)
+    tasks = score_tasks(cfg.tag, record.processed or 0, spark.sparkContext.defaultParallelism)
+    # An explicit count survives adaptive execution, which would otherwise coalesce a small URI table
+    # into a single task and leave every other task slot (and GPU) idle.
+    todo = todo.repartition(tasks)
+    log.info("run %s: scoring in %d tasks", record.run_id, tasks)
     spec = EngineSpec(
         artifact=cfg.model.artifact,
         weights_sha256=manifest.weights_sha256,
@@ -107,11 +110,20 @@ def _score_and_merge(spark: SparkSession, cfg: JobCfg, record: RunRecord, todo: 
              cfg.tables.predictions, record.images_per_s or 0.0)
 
 
+def score_tasks(tag: TagCfg, rows: int, slots: int) -> int:
+    """tag.partitions when set; else one task per slot, but no task with fewer than rows_per_task rows."""
+    if tag.partitions:
+        return tag.partitions
+    return max(1, min(slots, -(-rows // tag.rows_per_task)))
+
+
 def _record_stats(record: RunRecord, staged: DataFrame, scored_s: float) -> None:
-    counts = staged.groupBy("status").count().collect()
-    record.status_counts = {r["status"]: int(r["count"]) for r in counts}
-    sums = staged.agg(*[F.sum(c).alias(c) for c in TIMING_COLUMNS]).first()
-    record.stage_seconds = {c.removesuffix("_ms"): float(sums[c] or 0.0) / 1000.0 for c in TIMING_COLUMNS}
+    """Counts by status and summed stage times, from one aggregation over the staged rows."""
+    rows = staged.groupBy("status").agg(F.count("*").alias("n"), *[F.sum(c).alias(c) for c in TIMING_COLUMNS]).collect()
+    record.status_counts = {r["status"]: int(r["n"]) for r in rows}
+    record.stage_seconds = {
+        c.removesuffix("_ms"): sum(float(r[c] or 0.0) for r in rows) / 1000.0 for c in TIMING_COLUMNS
+    }
     record.stage_seconds["score_wall"] = scored_s
     record.images_per_s = record.processed / scored_s if scored_s > 0 else None
     log.info("run %s: status counts %s", record.run_id, record.status_counts)
