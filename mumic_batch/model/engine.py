@@ -26,6 +26,8 @@ from mumic_batch.model.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
+PROGRESS_EVERY_S = 30.0
+
 OUTPUT_COLUMNS = (
     "image_id", "uri", "source_updated_at", "status", "error", "probs", "labels", "zero_shot_probs",
     "zero_shot_labels", "embedding", "content_sha256", "width", "height", "fetch_ms", "decode_ms", "infer_ms",
@@ -111,14 +113,16 @@ class InferenceEngine:
 
     def run(self, frames: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         """Score a stream of frames, preparing frame k+1 while the model scores frame k."""
+        progress = _Progress()
         pending: tuple[pd.DataFrame, list[Future[Prepared]]] | None = None
         for frame in frames:
             current = (frame, self.submit(frame))
             if pending is not None:
-                yield self.finish(*pending)
+                yield progress.seen(self.finish(*pending))
             pending = current
         if pending is not None:
-            yield self.finish(*pending)
+            yield progress.seen(self.finish(*pending))
+        progress.report(final=True)
 
     def _output(self, frame: pd.DataFrame, prepared: list[Prepared], probs: np.ndarray,
                 emb: dict[int, np.ndarray], per_row_infer: float) -> pd.DataFrame:
@@ -154,6 +158,27 @@ class InferenceEngine:
 
     def _labels(self, row: np.ndarray, idx: list[int]) -> list[str]:
         return [self._names[j] for j in idx if row[j] >= self._thresholds[j]]
+
+
+class _Progress:
+    """Logs how far a stream of frames got: every PROGRESS_EVERY_S seconds, and at the end."""
+
+    def __init__(self) -> None:
+        self.started = self.last = time.perf_counter()
+        self.rows = self.ok = 0
+
+    def seen(self, out: pd.DataFrame) -> pd.DataFrame:
+        self.rows += len(out)
+        self.ok += int((out["status"] == st.OK).sum())
+        if time.perf_counter() - self.last >= PROGRESS_EVERY_S:
+            self.report(final=False)
+        return out
+
+    def report(self, final: bool) -> None:
+        self.last = time.perf_counter()
+        elapsed = max(self.last - self.started, 1e-9)
+        log.info("%s %d rows (%d ok) in %.1fs, %.1f rows/s", "scored" if final else "scoring:", self.rows,
+                 self.ok, elapsed, self.rows / elapsed)
 
 
 def _failed(status: str, error: str, started: float, fetched: float | None) -> Prepared:

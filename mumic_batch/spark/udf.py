@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -60,6 +61,7 @@ def task_device(configured: str) -> str:
 
 
 def _build_engine(spec: EngineSpec, device: str):
+    _worker_logging()
     # Imported here so the driver and non-tagging jobs never pay for torch at import time.
     from mumic_batch.io.fetch import Fetcher
     from mumic_batch.model.artifact import ClassEntry
@@ -76,6 +78,14 @@ def _build_engine(spec: EngineSpec, device: str):
         )
     log.info("python worker loaded model %s %s on %s", predictor.model_name, predictor.model_version, device)
     return InferenceEngine(predictor, Fetcher(spec.fetch), spec.decode, spec.infer, spec.fetch.threads)
+
+
+def _worker_logging() -> None:
+    """Python workers start with no logging setup; send INFO to stderr, which Spark keeps per executor."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s [pid %(process)d]: %(message)s")
 
 
 def tag_frames(spec: EngineSpec) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
