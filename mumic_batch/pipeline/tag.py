@@ -104,7 +104,7 @@ def _score_and_merge(spark: SparkSession, cfg: JobCfg, record: RunRecord, todo: 
     merge_started = time.perf_counter()
     merge_predictions(spark, staged.select(*[f.name for f in PREDICTIONS.fields]), cfg.tables.predictions,
                       manifest.version)
-    record.stage_seconds["merge"] = time.perf_counter() - merge_started
+    record.stage_seconds["write"] = time.perf_counter() - merge_started
     delete_path(spark, staging)
     log.info("run %s: merged %d rows into %s (%.1f images/s)", record.run_id, record.processed,
              cfg.tables.predictions, record.images_per_s or 0.0)
