@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo bench ablation clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,9 @@ demo: setup
 
 bench: setup
 	$(PY) bench/throughput.py
+
+ablation: setup
+	$(PY) bench/ablation.py
 
 clean:
 	rm -rf data spark-warehouse metastore_db derby.log .pytest_cache

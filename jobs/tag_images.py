@@ -16,15 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     p = cli.parser(__doc__)
     p.add_argument("--full", action="store_true", help="reprocess every catalogue row (same as --set tag.full=true)")
     args = p.parse_args(argv)
-
-    def body(cfg):
-        from mumic_batch.pipeline import tag
-        from mumic_batch.spark.session import owned_session
-
-        with owned_session(cfg.spark, tag.JOB) as spark:
-            return tag.run(spark, cfg)
-
-    return cli.run_job("tag_images", args, ["tag.full=true"] if args.full else [], body)
+    return cli.run_job("tag_images", args, ["tag.full=true"] if args.full else [], cli.pipeline_body("tag"))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -49,3 +50,19 @@ def run_job(name: str, args: argparse.Namespace, overrides: list[str], body: Cal
         return 1
     print(json.dumps({"ok": True, **summary}, default=str))
     return 0
+
+
+def pipeline_body(pipeline: str) -> Callable[[JobCfg], dict]:
+    """A job body running mumic_batch.pipeline.<pipeline>.run(spark, cfg) in a session the job owns.
+
+    Imported only when called, so --help and configuration errors answer without starting a JVM.
+    """
+
+    def body(cfg: JobCfg) -> dict:
+        from mumic_batch.spark.session import owned_session
+
+        module = importlib.import_module(f"mumic_batch.pipeline.{pipeline}")
+        with owned_session(cfg.spark, module.JOB) as spark:
+            return module.run(spark, cfg)
+
+    return body

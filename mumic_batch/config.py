@@ -194,9 +194,11 @@ class PretrainCfg:
     name: str = "mumic-base"  # model name in the base artifact's manifest
     version: str = "base-v1"  # model version in the base artifact's manifest
     architecture: str = "demo"  # "demo" or "tiny" (the project's small configs) or an open_clip name
-    split: str = "train"  # labels-table split whose captions are used
+    split: str = "train"  # labels-table split whose captions are trained on
+    val_split: str = "val"  # split whose contrastive loss picks the step that is kept (empty: the last step)
     caption_column: str = "caption"  # labels-table column holding one caption per image
-    steps: int = 800  # optimiser steps
+    steps: int = 200  # optimiser steps
+    eval_every: int = 25  # steps between validation losses
     batch_size: int = 128  # image-caption pairs per step (every other pair of the batch is a negative)
     lr: float = 1e-3  # peak AdamW learning rate
     weight_decay: float = 0.1  # AdamW weight decay (never on gains, biases and the logit scale)
@@ -209,6 +211,8 @@ class PretrainCfg:
     def __post_init__(self) -> None:
         _check_optim("pretrain", self.steps, self.batch_size, self.warmup_steps, self.shift)
         _require(self.lr > 0, "pretrain.lr", "must be > 0")
+        _require(self.eval_every >= 1, "pretrain.eval_every", "must be >= 1")
+        _require(self.split != self.val_split, "pretrain.val_split", "must differ from pretrain.split")
         _check_device("pretrain", self.device, self.precision)
         _require(self.weight_decay >= 0, "pretrain.weight_decay", "must be >= 0")
         _require(bool(self.name and self.version), "pretrain.name", "and pretrain.version must not be empty")
@@ -229,8 +233,8 @@ class TrainCfg:
     train_split: str = "train"  # labels-table split trained on
     val_split: str = "val"  # split for early stopping and thresholds
     towers: str = "image"  # towers that train: image | text | both | none (temperature and bias only)
-    lr_image: float = 5e-4  # peak learning rate of the image tower
-    lr_text: float = 1e-4  # peak learning rate of the text tower
+    lr_image: float = 2e-3  # peak learning rate of the image tower (demo scale; ~1e-5 for a real CLIP)
+    lr_text: float = 1e-4  # peak learning rate of the text tower (~1e-6 for a real CLIP)
     lr_head: float = 1e-2  # peak learning rate of the log temperature and the bias
     weight_decay: float = 0.05  # AdamW weight decay of the towers' matrices
     loss: str = "tempered"  # tempered (MuMIC's) | focal | asl (baselines)
@@ -238,7 +242,7 @@ class TrainCfg:
     learn_scale: bool = True  # learnable log temperature, initialised from the base model's logit scale
     bias: bool = True  # learnable logit bias
     init_bias: float = -2.0  # initial bias when the base model has none
-    epochs: int = 40  # most epochs; the cosine schedule spans all of them
+    epochs: int = 60  # most epochs; the cosine schedule spans all of them
     batch_size: int = 32  # images per step (each with every class)
     warmup_steps: int = 20  # linear warm-up steps, then cosine decay to zero
     patience: int = 10  # early stopping: epochs without a better validation GAP (0: never stop early)

@@ -205,3 +205,41 @@ def test_precision_recall_at_matches_reference(seed: int) -> None:
         exp_r = sum(predicted) / n_pos if n_pos else math.nan
         np.testing.assert_allclose([precision[c], recall[c]], [exp_p, exp_r], atol=1e-12, equal_nan=True)
     assert math.isnan(precision[4]) and math.isnan(recall[6])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_roc_auc_matches_sklearn_with_ties(seed: int) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    y, s = _random_case(seed)
+    for c in range(y.shape[1] - 1):
+        assert metrics.roc_auc(y[:, c], s[:, c]) == pytest.approx(roc_auc_score(y[:, c], s[:, c]), abs=1e-12)
+    assert math.isnan(metrics.roc_auc(y[:, -1], s[:, -1]))  # no positive: undefined
+    assert metrics.roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_precision_recall_curve_is_the_curve_average_precision_sums(seed: int) -> None:
+    y, s = _random_case(seed)
+    for c in range(y.shape[1] - 1):
+        precision, recall = metrics.precision_recall_curve(y[:, c], s[:, c])
+        assert recall[-1] == pytest.approx(1.0) and np.all(np.diff(recall) >= 0)
+        ap = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+        assert ap == pytest.approx(metrics.average_precision(y[:, c], s[:, c]), abs=1e-12)
+    empty_p, empty_r = metrics.precision_recall_curve(y[:, -1], s[:, -1])
+    assert empty_p.size == empty_r.size == 0
+
+
+def test_class_thresholds_fall_back_where_a_class_has_no_positive() -> None:
+    y, s = _random_case(2, n=30)
+    thresholds = metrics.class_thresholds(y, s, 0.8, fallback=0.5)
+    assert thresholds[-1] == 0.5
+    for c in range(y.shape[1] - 1):
+        assert thresholds[c] == metrics.threshold_at_precision(y[:, c], s[:, c], 0.8)
+
+
+def test_summary_reports_gap_gap_at_k_and_map() -> None:
+    y, s = _random_case(4)
+    out = metrics.summary(y, s, k=3, map_idx=[0, 1])
+    assert out == {"gap": metrics.gap_at_k(y, s), "gap_at_3": metrics.gap_at_k(y, s, 3),
+                   "map": metrics.macro_map(y, s, [0, 1])}

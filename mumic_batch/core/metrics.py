@@ -131,3 +131,44 @@ def precision_recall_at(
         precision = np.where(n_pred > 0, tp / n_pred, np.nan)
         recall = np.where(n_pos > 0, tp / n_pos, np.nan)
     return precision, recall
+
+
+def precision_recall_curve(y_true_col: np.ndarray, scores_col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall at every distinct score (highest first), the steps average_precision sums over."""
+    y, s = _as_column(y_true_col, scores_col)
+    n_pos = int(y.sum())
+    if n_pos == 0 or y.size == 0:
+        return np.array([]), np.array([])
+    _, tps, fps = _threshold_counts(y, s)
+    return tps / (tps + fps), tps / n_pos
+
+
+def roc_auc(y_true_col: np.ndarray, scores_col: np.ndarray) -> float:
+    """Area under the ROC curve (ties count half), NaN unless both classes occur; 0.5 is chance."""
+    y, s = _as_column(y_true_col, scores_col)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    # Mann-Whitney U from average ranks: exact for ties.
+    order = np.argsort(s, kind="stable")
+    ranks = np.empty(s.size, dtype=np.float64)
+    sorted_s = s[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_s)) + 1]
+    ends = np.r_[starts[1:], s.size]
+    for a, b in zip(starts, ends):
+        ranks[order[a:b]] = (a + b + 1) / 2.0  # mean of the 1-based ranks a+1 .. b
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def class_thresholds(y_true: np.ndarray, scores: np.ndarray, target_precision: float,
+                     fallback: float = 0.5) -> np.ndarray:
+    """threshold_at_precision for every class; `fallback` where a class has no positive to set it on."""
+    y, s = _as_matrix(y_true, scores)
+    thresholds = np.array([threshold_at_precision(y[:, c], s[:, c], target_precision) for c in range(y.shape[1])])
+    return np.where(np.isnan(thresholds), fallback, thresholds)
+
+
+def summary(y_true: np.ndarray, scores: np.ndarray, k: int = 10, map_idx: Sequence[int] | None = None) -> dict[str, float]:
+    """The headline numbers: GAP (all classes), GAP@k and macro mAP over `map_idx` (default all classes)."""
+    return {"gap": gap_at_k(y_true, scores), f"gap_at_{k}": gap_at_k(y_true, scores, k),
+            "map": macro_map(y_true, scores, map_idx)}

@@ -34,6 +34,22 @@ TINY_ARCH: dict[str, Any] = {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 
+# The demo/stand-in architecture that jobs/pretrain.py trains from scratch on the sample catalogue:
+# - a small ModifiedResNet (~0.34M parameters) instead of a ViT: on a few hundred images a ViT learns colours
+#   but not textures or shapes, convolutions learn backgrounds and counts too (measured, docs/learning.md);
+# - 96 px input: stripes, checks and dots of the 640x480 sample survive the downscale, at 64 px many do not;
+# - "squash" resizing: a centre crop of the 4:3 sample images would cut off digits near the left/right edges;
+# - text context 64: the sample's captions reach ~42 tokens, so nothing is truncated.
+DEMO_ARCH: dict[str, Any] = {
+    "model_cfg": {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 96, "layers": [1, 1, 1, 1], "width": 8, "head_width": 32},
+        "text_cfg": {"context_length": 64, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    },
+    "preprocess_cfg": {"resize_mode": "squash"},
+}
+SMALL_ARCHITECTURES: dict[str, dict[str, Any]] = {"tiny": TINY_ARCH, "demo": DEMO_ARCH}
+
 _OPENAI_PREPROCESS: dict[str, Any] = {
     "mean": open_clip.OPENAI_DATASET_MEAN,
     "std": open_clip.OPENAI_DATASET_STD,
@@ -66,6 +82,11 @@ def resolve_architecture(arch: Architecture) -> tuple[dict[str, Any], dict[str, 
     if missing:
         raise ValueError(f"architecture dict lacks {sorted(missing)}")
     return arch, {}
+
+
+def named_architecture(name: str) -> Architecture:
+    """"tiny"/"demo" -> the project's small configs (a copy); anything else is an open_clip name, kept as is."""
+    return copy.deepcopy(SMALL_ARCHITECTURES[name]) if name in SMALL_ARCHITECTURES else name
 
 
 def _require_hf_offline(what: str) -> None:

@@ -7,7 +7,7 @@ import logging
 from mumic_batch.config import InitModelCfg
 from mumic_batch.core.sample import fine_tune_classes
 from mumic_batch.model.artifact import ClassEntry, save_artifact
-from mumic_batch.model.backbone import TINY_ARCH
+from mumic_batch.model.backbone import named_architecture
 from mumic_batch.model.mumic import build_mumic
 
 log = logging.getLogger(__name__)
@@ -16,8 +16,8 @@ JOB = "init_model"
 
 
 def architecture(name: str):
-    """'tiny' is the project's small demo/test config; anything else is an open_clip model name."""
-    return TINY_ARCH if name == "tiny" else name
+    """"tiny" and "demo" are the project's small configs; anything else is an open_clip model name."""
+    return named_architecture(name)
 
 
 def run(cfg: InitModelCfg, out_dir: str) -> dict:

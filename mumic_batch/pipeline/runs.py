@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import TypeVar
 
 from pyspark.sql import SparkSession
 
@@ -14,6 +16,8 @@ from mumic_batch.tables.io import append_rows
 from mumic_batch.tables.schemas import RUNS
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -54,3 +58,15 @@ def write_run(spark: SparkSession, record: RunRecord, path: str, outcome: str) -
         if outcome == "succeeded":
             raise
         log.exception("could not record failed run %s in %s", record.run_id, path)
+
+
+def recorded(spark: SparkSession, record: RunRecord, path: str, work: Callable[[], T]) -> T:
+    """Run work() and append the run's row: succeeded, or failed with the error as its message."""
+    try:
+        result = work()
+    except Exception as err:
+        record.message = f"{type(err).__name__}: {err}"
+        write_run(spark, record, path, "failed")
+        raise
+    write_run(spark, record, path, "succeeded")
+    return result

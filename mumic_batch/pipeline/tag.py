@@ -11,7 +11,7 @@ from pyspark.sql import functions as F
 from mumic_batch.config import JobCfg, TagCfg, to_dict
 from mumic_batch.io.storage import localize_dir
 from mumic_batch.model.artifact import read_manifest
-from mumic_batch.pipeline.runs import RunRecord, write_run
+from mumic_batch.pipeline.runs import RunRecord, recorded
 from mumic_batch.pipeline.selection import catalogue_version, select_work
 from mumic_batch.spark.udf import EngineSpec, ZeroShotClass, with_predictions
 from mumic_batch.tables.io import delete_path, merge_predictions, read_table
@@ -25,14 +25,7 @@ JOB = "tag_images"
 def run(spark: SparkSession, cfg: JobCfg) -> dict:
     """Tag the catalogue's new, changed and retryable rows; return the run summary."""
     record = RunRecord(JOB, to_dict(cfg))
-    try:
-        summary = _tag(spark, cfg, record)
-    except Exception as err:
-        record.message = f"{type(err).__name__}: {err}"
-        write_run(spark, record, cfg.tables.runs, "failed")
-        raise
-    write_run(spark, record, cfg.tables.runs, "succeeded")
-    return summary
+    return recorded(spark, record, cfg.tables.runs, lambda: _tag(spark, cfg, record))
 
 
 def _tag(spark: SparkSession, cfg: JobCfg, record: RunRecord) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pyspark.sql.types import (
     ArrayType,
+    BooleanType,
     DoubleType,
     FloatType,
     IntegerType,
@@ -76,4 +77,18 @@ RUNS = StructType([
     StructField("status_counts", MapType(StringType(), LongType()), True),
     StructField("images_per_s", DoubleType(), True),
     StructField("stage_seconds", MapType(StringType(), DoubleType()), True),
+])
+
+# The metrics table (docs/tables.md): one row per (model version, dataset, split, class or overall, metric, run).
+METRICS = StructType([
+    StructField("model_name", StringType(), False),
+    StructField("model_version", StringType(), False),
+    StructField("dataset", StringType(), False),
+    StructField("split", StringType(), False),
+    StructField("class", StringType(), True),
+    StructField("zero_shot", BooleanType(), True),
+    StructField("metric", StringType(), False),
+    StructField("value", DoubleType(), True),
+    StructField("run_id", StringType(), False),
+    StructField("evaluated_at", TimestampType(), False),
 ])

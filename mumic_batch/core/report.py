@@ -1,0 +1,116 @@
+"""Evaluation report: a Markdown file with per-class precision-recall curves and an AP chart (PNG, Agg backend).
+
+Pure rendering: the numbers come in computed (core.metrics); nothing here scores or reads tables.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on batch machines
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+import numpy as np  # noqa: E402
+
+PR_CURVES_FILE = "pr_curves.png"
+AP_CHART_FILE = "ap_per_class.png"
+REPORT_FILE = "report.md"
+_TRAINED_COLOUR, _ZERO_SHOT_COLOUR = "#1f77b4", "#d62728"
+_GRID_COLUMNS = 6
+
+
+@dataclass(frozen=True)
+class ClassResult:
+    """One class's evaluation: ranking quality, and the decision at its threshold."""
+
+    name: str
+    zero_shot: bool  # scored from its prompt only, never trained on
+    support: int  # positives in the evaluated split
+    prevalence: float  # support / images: the AP of a random ranking
+    ap: float  # average precision (NaN without positives)
+    auc: float  # ROC AUC (NaN unless positives and negatives occur)
+    threshold: float  # the model's decision threshold for the class
+    precision: float  # precision of score >= threshold (NaN when nothing is predicted)
+    recall: float  # recall of score >= threshold (NaN without positives)
+    curve_precision: tuple[float, ...] = ()  # precision at each distinct score, highest score first
+    curve_recall: tuple[float, ...] = ()  # recall at the same points
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def plot_pr_curves(classes: Sequence[ClassResult], path: Path) -> None:
+    """A grid with one precision-recall curve per class; zero-shot classes in red."""
+    rows = max(1, math.ceil(len(classes) / _GRID_COLUMNS))
+    fig, axes = plt.subplots(rows, _GRID_COLUMNS, figsize=(2.6 * _GRID_COLUMNS, 2.4 * rows), squeeze=False)
+    for ax, result in zip(axes.flat, classes):
+        colour = _ZERO_SHOT_COLOUR if result.zero_shot else _TRAINED_COLOUR
+        if result.curve_recall:
+            # A step plot: precision holds from one recall point to the next, as AP sums it.
+            ax.step(np.r_[0.0, result.curve_recall], np.r_[result.curve_precision[0], result.curve_precision],
+                    where="pre", color=colour)
+        ax.axhline(result.prevalence, color="grey", linestyle=":", linewidth=1)
+        ax.set(xlim=(0, 1), ylim=(0, 1.02))
+        tag = " (zero-shot)" if result.zero_shot else ""
+        ax.set_title(f"{result.name}{tag}\nAP {_fmt(result.ap, 2)}, n={result.support}", fontsize=8)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(classes):]:
+        ax.axis("off")
+    fig.supxlabel("recall")
+    fig.supylabel("precision")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_ap_chart(classes: Sequence[ClassResult], path: Path) -> None:
+    """Horizontal bars of per-class AP (highest first), with each class's prevalence (chance level) marked."""
+    ordered = sorted(classes, key=lambda c: -1.0 if math.isnan(c.ap) else c.ap)
+    fig, ax = plt.subplots(figsize=(7, 0.28 * len(ordered) + 1.2))
+    ys = np.arange(len(ordered))
+    colours = [_ZERO_SHOT_COLOUR if c.zero_shot else _TRAINED_COLOUR for c in ordered]
+    ax.barh(ys, [0.0 if math.isnan(c.ap) else c.ap for c in ordered], color=colours)
+    ax.scatter([c.prevalence for c in ordered], ys, marker="|", color="black", s=80, label="prevalence (chance AP)")
+    ax.set_yticks(ys, [c.name + (" *" if c.zero_shot else "") for c in ordered], fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("average precision (* zero-shot, in red)")
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _class_table(classes: Sequence[ClassResult]) -> list[str]:
+    lines = ["| class | zero-shot | support | prevalence | AP | AUC | threshold | precision | recall |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in classes:
+        lines.append(f"| {c.name} | {'yes' if c.zero_shot else ''} | {c.support} | {_fmt(c.prevalence)} | "
+                     f"{_fmt(c.ap)} | {_fmt(c.auc)} | {_fmt(c.threshold)} | {_fmt(c.precision)} | {_fmt(c.recall)} |")
+    return lines
+
+
+def write_report(out_dir: str | Path, title: str, meta: Mapping[str, object], overall: Mapping[str, float | None],
+                 classes: Sequence[ClassResult], notes: Sequence[str] = ()) -> Path:
+    """Write report.md, pr_curves.png and ap_per_class.png into `out_dir`; return the report's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_pr_curves(classes, out / PR_CURVES_FILE)
+    plot_ap_chart(classes, out / AP_CHART_FILE)
+    lines = [f"# {title}", ""]
+    lines += [f"- {key}: {value}" for key, value in meta.items()]
+    lines += ["", "## Overall", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {key} | {_fmt(value, 4)} |" for key, value in overall.items()]
+    lines += ["", *notes, "", "## Per class", "", *_class_table(classes), "",
+              "## Average precision per class", "", f"![AP per class]({AP_CHART_FILE})", "",
+              "## Precision-recall curves", "", "Dotted line: prevalence (the precision of a random ranking).", "",
+              f"![Precision-recall curves]({PR_CURVES_FILE})", ""]
+    path = out / REPORT_FILE
+    path.write_text("\n".join(lines))
+    return path

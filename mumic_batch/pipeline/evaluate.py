@@ -1,0 +1,179 @@
+"""Evaluation job: score a labels split with the tagging job's inference engine, write metrics and a report.
+
+Headline numbers are over the model's own classes (its manifest): GAP, GAP@k and macro mAP over a class
+subset (evaluate.map_classes, or the evaluate.majority classes with the most positives in the split).
+Zero-shot classes from model.zero_shot are scored through the text tower in the same pass, reported per
+class (AP against prevalence, ROC AUC) and summarised separately, never mixed into the headline numbers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import SparkSession
+
+from mumic_batch.config import JobCfg, to_dict
+from mumic_batch.core import metrics
+from mumic_batch.core import status as st
+from mumic_batch.core.report import ClassResult, write_report
+from mumic_batch.io.fetch import Fetcher
+from mumic_batch.model.artifact import ClassEntry
+from mumic_batch.model.engine import InferenceEngine
+from mumic_batch.model.predictor import Predictor
+from mumic_batch.pipeline.labels import map_class_indices, multi_hot, read_labels
+from mumic_batch.pipeline.runs import RunRecord, recorded
+from mumic_batch.tables.io import append_rows
+from mumic_batch.tables.schemas import METRICS
+
+log = logging.getLogger(__name__)
+
+JOB = "evaluate"
+
+_FRAME_ROWS = 256  # rows handed to the engine at a time: it prepares one frame while scoring the previous
+
+
+def run(spark: SparkSession, cfg: JobCfg) -> dict:
+    """Evaluate model.artifact on evaluate.split; append to tables.metrics, write the report, record a runs row."""
+    record = RunRecord(JOB, to_dict(cfg), source=cfg.tables.labels)
+    return recorded(spark, record, cfg.tables.runs, lambda: _evaluate(spark, cfg, record))
+
+
+def _evaluate(spark: SparkSession, cfg: JobCfg, record: RunRecord) -> dict:
+    ev = cfg.evaluate
+    labels = read_labels(spark, cfg.tables, [ev.split], [ev.label_column])
+    frame = labels.split(ev.split)
+    if frame.empty:
+        raise ValueError(f"split {ev.split!r} of {cfg.tables.labels} has no rows")
+    record.source_version, record.input_rows = labels.version, len(frame)
+    predictor = Predictor.load(cfg.model.artifact, zero_shot=cfg.model.zero_shot, device=cfg.infer.device,
+                               precision=cfg.infer.precision)
+    record.model_name, record.model_version = predictor.model_name, predictor.model_version
+    started = time.perf_counter()
+    scores, ok = score(predictor, frame, cfg)
+    record.stage_seconds["score"] = time.perf_counter() - started
+    record.processed = len(frame)
+    record.status_counts = dict(Counter(ok["status"]))
+    record.images_per_s = len(frame) / record.stage_seconds["score"] if record.stage_seconds["score"] else None
+    good = (ok["status"] == st.OK).to_numpy()
+    if not good.any():
+        raise ValueError(f"no image of split {ev.split!r} could be scored: {record.status_counts}")
+    y = multi_hot(list(frame.loc[good, ev.label_column]), predictor.class_names)
+    overall, per_class = evaluate_scores(y, scores[good], predictor.classes, len(predictor.manifest.classes),
+                                         ev.gap_k, ev.map_classes, ev.majority)
+    overall["images"], overall["failed_images"] = float(good.sum()), float((~good).sum())
+    dataset = ev.dataset or cfg.tables.labels
+    evaluated_at = dt.datetime.now(dt.timezone.utc)
+    rows = metric_rows(predictor, dataset, ev.split, overall, per_class, record.run_id, evaluated_at)
+    append_rows(spark, rows, METRICS, cfg.tables.metrics)
+    report = _report(cfg, predictor, dataset, labels.version, overall, per_class, evaluated_at)
+    log.info("evaluated %s %s on %s/%s: %s", predictor.model_name, predictor.model_version, dataset, ev.split,
+             {k: round(v, 4) for k, v in overall.items() if v is not None and not math.isnan(v)})
+    return _summary(record, cfg, predictor, overall, per_class, report)
+
+
+def score(predictor: Predictor, frame: pd.DataFrame, cfg: JobCfg) -> tuple[np.ndarray, pd.DataFrame]:
+    """Probabilities [N, C] in predictor.classes order (zeros for failed rows) and the engine's status columns."""
+    engine = InferenceEngine(predictor, Fetcher(cfg.fetch), cfg.decode, cfg.infer, cfg.fetch.threads)
+    chunks = (frame[["image_id", "uri"]].iloc[i:i + _FRAME_ROWS] for i in range(0, len(frame), _FRAME_ROWS))
+    try:
+        out = pd.concat(list(engine.run(chunks)), ignore_index=True)
+    finally:
+        engine.close()
+    scores = np.zeros((len(out), len(predictor.classes)), dtype=np.float64)
+    for i, row in enumerate(out.itertuples(index=False)):
+        if row.status == st.OK:
+            probs = {**row.probs, **row.zero_shot_probs}
+            scores[i] = [probs[name] for name in predictor.class_names]
+    return scores, out[["image_id", "status", "error"]]
+
+
+def evaluate_scores(y: np.ndarray, scores: np.ndarray, classes: Sequence[ClassEntry], n_own: int, k: int,
+                    map_classes: Sequence[str], majority: int) -> tuple[dict[str, float], list[ClassResult]]:
+    """Overall metrics over the model's own classes (the first `n_own`), zero-shot extras summarised apart."""
+    names = [c.name for c in classes]
+    thresholds = np.array([c.threshold for c in classes])
+    precision, recall = metrics.precision_recall_at(y, scores, thresholds)
+    per_class = [_class_result(c, y[:, j], scores[:, j], precision[j], recall[j]) for j, c in enumerate(classes)]
+    # The manifest's classes are the model's own (for a base model they are zero-shot prompts as well);
+    # the config's extras are reported apart so that the headline numbers stay comparable across models.
+    y_own, s_own = y[:, :n_own], scores[:, :n_own]
+    subset = map_class_indices(y_own, names[:n_own], map_classes, majority)
+    overall = metrics.summary(y_own, s_own, k, subset)
+    overall["map_all"] = metrics.macro_map(y_own, s_own)
+    overall["map_classes"] = float(len(subset))
+    extras = per_class[n_own:]
+    if extras:
+        overall["zero_shot_map"] = _nanmean([r.ap for r in extras])
+        overall["zero_shot_prevalence"] = _nanmean([r.prevalence for r in extras])
+        overall["zero_shot_auc"] = _nanmean([r.auc for r in extras])
+    return overall, per_class
+
+
+def _class_result(entry: ClassEntry, y: np.ndarray, s: np.ndarray, precision: float, recall: float) -> ClassResult:
+    curve_p, curve_r = metrics.precision_recall_curve(y, s)
+    return ClassResult(
+        name=entry.name, zero_shot=entry.zero_shot, support=int(y.sum()),
+        prevalence=float(y.mean()) if y.size else math.nan, ap=metrics.average_precision(y, s),
+        auc=metrics.roc_auc(y, s), threshold=float(entry.threshold), precision=float(precision),
+        recall=float(recall), curve_precision=tuple(curve_p.tolist()), curve_recall=tuple(curve_r.tolist()),
+    )
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def _value(v: float | None) -> float | None:
+    """NaN (an undefined metric) is stored as null."""
+    return None if v is None or math.isnan(v) else float(v)
+
+
+def metric_rows(predictor: Predictor, dataset: str, split: str, overall: dict[str, float],
+                per_class: Sequence[ClassResult], run_id: str, evaluated_at: dt.datetime) -> list[tuple]:
+    """Rows of the metrics table: overall metrics (class null), then per-class metrics."""
+    head = (predictor.model_name, predictor.model_version, dataset, split)
+    rows = [(*head, None, None, metric, _value(value), run_id, evaluated_at) for metric, value in overall.items()]
+    for r in per_class:
+        per = {"ap": r.ap, "auc": r.auc, "support": float(r.support), "prevalence": r.prevalence,
+               "threshold": r.threshold, "precision": r.precision, "recall": r.recall}
+        rows += [(*head, r.name, r.zero_shot, metric, _value(value), run_id, evaluated_at)
+                 for metric, value in per.items()]
+    return rows
+
+
+def _report(cfg: JobCfg, predictor: Predictor, dataset: str, version: int | None, overall: dict[str, float],
+            per_class: Sequence[ClassResult], evaluated_at: dt.datetime) -> Path:
+    ev = cfg.evaluate
+    out = Path(ev.report_dir) / f"{predictor.model_version}-{ev.split}"
+    meta = {"model": f"{predictor.model_name} {predictor.model_version} ({cfg.model.artifact})",
+            "weights sha256": predictor.weights_sha256,
+            "data": f"{dataset}" + ("" if version is None else f" (Delta version {version})") + f", split {ev.split}",
+            "evaluated at": evaluated_at.isoformat(timespec="seconds")}
+    notes = [f"GAP, GAP@{ev.gap_k} and map are over the model's own {len(predictor.manifest.classes)} classes; "
+             "map averages the classes listed in evaluate.map_classes or the evaluate.majority classes with the "
+             "most positives (map_all: every class with a positive). zero_shot_* summarise the model.zero_shot "
+             "classes, scored from their prompts only; compare each one's AP with its prevalence (chance)."]
+    return write_report(out, f"Evaluation of {predictor.model_name} {predictor.model_version}", meta, overall,
+                        per_class, notes)
+
+
+def _summary(record: RunRecord, cfg: JobCfg, predictor: Predictor, overall: dict[str, float],
+             per_class: Sequence[ClassResult], report: Path) -> dict:
+    extras = per_class[len(predictor.manifest.classes):]
+    return {
+        "job": JOB, "run_id": record.run_id, "model": cfg.model.artifact, "name": predictor.model_name,
+        "version": predictor.model_version, "split": cfg.evaluate.split,
+        "overall": {k: _value(v) for k, v in overall.items()},
+        "zero_shot": {r.name: {"ap": _value(r.ap), "auc": _value(r.auc), "prevalence": _value(r.prevalence)}
+                      for r in extras},
+        "metrics": cfg.tables.metrics, "report": str(report),
+    }

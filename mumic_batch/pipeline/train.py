@@ -1,0 +1,150 @@
+"""MuMIC fine-tuning job: labels table -> in-memory images -> tempered-sigmoid training -> versioned artifact.
+
+The artifact's manifest carries the classes and prompts, per-class thresholds chosen on the validation
+split (the lowest score reaching train.target_precision there), the validation metrics and a reference
+to the training data (table, Delta version, splits, seed, row counts, base model).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mumic_batch.config import ClassPromptCfg, JobCfg, TrainCfg, to_dict
+from mumic_batch.core import metrics
+from mumic_batch.core import status as st
+from mumic_batch.core.preprocess import PreprocessSpec
+from mumic_batch.model.artifact import ClassEntry, save_artifact
+from mumic_batch.model.backbone import preprocess_spec
+from mumic_batch.model.base import load_base
+from mumic_batch.model.images import load_pixels
+from mumic_batch.model.optim import resolve_device
+from mumic_batch.model.train import Classifier, FitResult, LabelledSet, fit
+from mumic_batch.pipeline.labels import LabelsTable, map_class_indices, multi_hot, read_labels, training_classes
+from mumic_batch.pipeline.runs import RunRecord, recorded
+
+log = logging.getLogger(__name__)
+
+JOB = "train"
+# Settings that change nothing in the trained weights: a checkpoint stays valid when only these differ.
+_NOT_IN_FINGERPRINT = ("name", "version", "overwrite", "checkpoint_dir", "checkpoint_every", "resume",
+                       "target_precision")
+
+
+def run(spark, cfg: JobCfg) -> dict:
+    """Fine-tune, write the artifact to model.artifact, record a runs row; return the job summary."""
+    record = RunRecord(JOB, to_dict(cfg), model_name=cfg.train.name, source=cfg.tables.labels)
+    return recorded(spark, record, cfg.tables.runs, lambda: _train(spark, cfg, record))
+
+
+def output_dir(cfg: JobCfg) -> str:
+    """model.artifact as a local directory: training writes locally, upload the directory to S3 afterwards."""
+    out = cfg.model.artifact.removeprefix("file://")
+    if "://" in out:
+        raise ValueError(f"model.artifact={cfg.model.artifact!r}: training writes a local directory "
+                         "(upload it afterwards, e.g. aws s3 cp --recursive); set a local path")
+    if Path(out).exists() and not cfg.train.overwrite:
+        # Checked before training, not after it: a run should not fail once its work is done.
+        raise FileExistsError(f"artifact already exists: {out} (set train.overwrite=true to replace it)")
+    return out
+
+
+def _train(spark, cfg: JobCfg, record: RunRecord) -> dict:
+    tc = cfg.train
+    out = output_dir(cfg)
+    classes = training_classes(tc)
+    columns = [tc.label_column] + ([tc.negatives_column] if tc.mask_unannotated else [])
+    labels = read_labels(spark, cfg.tables, [tc.train_split, tc.val_split], columns)
+    record.source_version, record.input_rows = labels.version, len(labels.frame)
+    model, base_ref = load_base(tc)
+    started = time.perf_counter()
+    spec = preprocess_spec(model.backbone)
+    train = _labelled(labels.split(tc.train_split), classes, spec, cfg, record)
+    val = _labelled(labels.split(tc.val_split), classes, spec, cfg, record)
+    _check_data(train, val, tc, cfg.tables.labels)
+    record.stage_seconds["load"] = time.perf_counter() - started
+    clf = Classifier(model, [c.prompt for c in classes])
+    result = fit(clf, train, val, tc, resolve_device(tc.device),
+                 checkpoint_dir=tc.checkpoint_dir or f"{out}.ckpt", fingerprint=fingerprint(tc, base_ref, labels))
+    record.stage_seconds["train"] = result.seconds
+    record.processed = int(train.pixels.shape[0] + val.pixels.shape[0])
+    version = tc.version or "ft-" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    record.model_version = version
+    entries, val_metrics = _thresholds_and_metrics(classes, val, result, cfg)
+    ref = labels.ref(kind="mumic_fine_tune", split=tc.train_split, val_split=tc.val_split, seed=tc.seed,
+                     rows=int(train.pixels.shape[0]), val_rows=int(val.pixels.shape[0]),
+                     label_column=tc.label_column, base=base_ref)
+    manifest = save_artifact(out, clf.model, name=tc.name, version=version, classes=entries, training_data=ref,
+                             metrics={"val": val_metrics, **_fit_summary(result)}, overwrite=tc.overwrite)
+    return {"job": JOB, "run_id": record.run_id, "model": out, "name": manifest.name, "version": manifest.version,
+            "train_rows": int(train.pixels.shape[0]), "val_rows": int(val.pixels.shape[0]),
+            "val": val_metrics, **_fit_summary(result), "seconds": round(result.seconds, 1)}
+
+
+def _labelled(frame: pd.DataFrame, classes: Sequence[ClassPromptCfg], spec: PreprocessSpec, cfg: JobCfg,
+              record: RunRecord) -> LabelledSet:
+    """One split's images in memory with its targets (and annotation mask); rows that fail to load are left out."""
+    tc = cfg.train
+    loaded = load_pixels(list(frame["uri"]), spec, cfg.fetch, cfg.decode, cfg.fetch.threads)
+    for status, count in [(st.OK, int(loaded.rows.size)), *loaded.failures.items()]:
+        record.status_counts[status] = record.status_counts.get(status, 0) + count
+    rows = frame.iloc[loaded.rows]
+    names = [c.name for c in classes]
+    targets = multi_hot(list(rows[tc.label_column]), names)
+    mask = None
+    if tc.mask_unannotated:
+        negatives = multi_hot(list(rows[tc.negatives_column]), names)
+        mask = torch.from_numpy(np.maximum(targets, negatives))
+    return LabelledSet(torch.from_numpy(loaded.pixels), torch.from_numpy(targets), mask)
+
+
+def _check_data(train: LabelledSet, val: LabelledSet, tc: TrainCfg, table: str) -> None:
+    """Refuse data that cannot train: no images, or no label among the configured classes."""
+    if train.pixels.shape[0] == 0 or val.pixels.shape[0] == 0:
+        raise ValueError(f"{table}: splits {tc.train_split!r} and {tc.val_split!r} both need loadable images "
+                         f"(got {train.pixels.shape[0]} and {val.pixels.shape[0]})")
+    if float(train.targets.sum()) == 0:
+        raise ValueError(f"{table}: no {tc.label_column} entry of split {tc.train_split!r} is a configured class; "
+                         "list the table's classes and prompts in train.classes")
+    unseen = int((train.targets.sum(0) == 0).sum())
+    if unseen:
+        log.warning("%d configured classes have no positive in the training split", unseen)
+
+
+def fingerprint(tc: TrainCfg, base_ref: dict, labels: LabelsTable) -> str:
+    """Identity of a training run: the settings that shape the weights, the base model and the exact rows."""
+    settings = {k: v for k, v in to_dict(tc).items() if k not in _NOT_IN_FINGERPRINT}
+    rows = labels.frame.drop(columns=["uri"]).astype(str).to_csv(index=False)
+    payload = json.dumps({"settings": settings, "base": base_ref, "table": labels.ref()}, sort_keys=True)
+    return hashlib.sha256((payload + rows).encode()).hexdigest()
+
+
+def _thresholds_and_metrics(classes: Sequence[ClassPromptCfg], val: LabelledSet, result: FitResult,
+                            cfg: JobCfg) -> tuple[list[ClassEntry], dict]:
+    """Per-class thresholds at the target precision on validation, and the validation summary."""
+    y, probs = val.targets.numpy(), result.val_probs
+    thresholds = metrics.class_thresholds(y, probs, cfg.train.target_precision)
+    entries = [ClassEntry(c.name, c.prompt, float(np.clip(t, 0.0, 1.0))) for c, t in zip(classes, thresholds)]
+    names = [c.name for c in classes]
+    idx = map_class_indices(y, names, cfg.evaluate.map_classes, cfg.evaluate.majority)
+    summary = metrics.summary(y, probs, cfg.evaluate.gap_k, idx)
+    return entries, {k: _finite(v) for k, v in summary.items()}
+
+
+def _fit_summary(result: FitResult) -> dict:
+    return {"best_epoch": result.best_epoch + 1, "epochs_run": result.epochs_run,
+            "stopped_early": result.stopped_early, "resumed_from_epoch": result.resumed_from}
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: undefined metrics are stored as null."""
+    return None if value is None or not np.isfinite(value) else round(float(value), 6)

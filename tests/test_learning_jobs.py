@@ -1,0 +1,141 @@
+"""Pretrain, train and evaluate jobs end to end on real local Spark and Delta tables."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs import evaluate as evaluate_job
+from jobs import pretrain as pretrain_job
+from jobs import train as train_job
+from mumic_batch.config import DecodeCfg, FetchCfg, SampleCfg
+from mumic_batch.core import metrics
+from mumic_batch.core.sample import CLASSES, HOLDOUTS, fine_tune_classes
+from mumic_batch.model.artifact import ClassEntry, read_manifest
+from mumic_batch.model.images import load_pixels
+from mumic_batch.model.predictor import Predictor
+from mumic_batch.pipeline import sample as sample_pipeline
+from mumic_batch.pipeline.evaluate import evaluate_scores
+
+pytestmark = pytest.mark.spark
+
+SAMPLE_SEED, TRAIN_SEED = 7, 11
+
+
+@pytest.fixture(scope="module")
+def workspace(spark, tmp_path_factory) -> Path:
+    """A 120-image sample catalogue written as Delta tables by the make_sample pipeline."""
+    root = tmp_path_factory.mktemp("learning_jobs")
+    sample_pipeline.run(spark, SampleCfg(out_dir=str(root / "sample"), n_images=120, seed=SAMPLE_SEED,
+                                          width=320, height=240))
+    return root
+
+
+def _args(root: Path) -> list[str]:
+    zero_shot = [{"name": c.name, "prompt": c.prompt, "threshold": 0.5} for c in CLASSES if c.name in HOLDOUTS]
+    settings = {
+        "tables.catalogue": root / "sample" / "catalogue", "tables.labels": root / "sample" / "labels",
+        "tables.runs": root / "runs", "tables.metrics": root / "metrics",
+        "fetch.allowed_schemes": "[file]", "fetch.local_roots": f"[{root / 'sample' / 'images'}]",
+        "pretrain.out": root / "base", "pretrain.steps": 20, "pretrain.batch_size": 32, "pretrain.eval_every": 10,
+        "train.base": root / "base", "train.epochs": 3, "train.checkpoint_every": 1, "train.seed": TRAIN_SEED,
+        "train.version": "t1", "model.artifact": root / "tuned", "model.zero_shot": json.dumps(zero_shot),
+        "evaluate.report_dir": root / "reports", "infer.device": "cpu", "pretrain.device": "cpu",
+        "train.device": "cpu",
+    }
+    return [a for key, value in settings.items() for a in ("--set", f"{key}={value}")]
+
+
+@pytest.fixture(scope="module")
+def jobs_ran(workspace: Path, spark) -> dict:
+    """Run pretrain, train and evaluate once for the module (capsys is function-scoped, so capture by hand)."""
+    results = {}
+    for name, main in (("pretrain", pretrain_job.main), ("train", train_job.main), ("evaluate", evaluate_job.main)):
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            code = main(_args(workspace))
+        summary = json.loads(buffer.getvalue().strip().splitlines()[-1])
+        assert code == 0, (name, summary)
+        results[name] = summary
+    return results
+
+
+def test_trained_artifact_manifest_carries_classes_thresholds_metrics_and_data(workspace, jobs_ran, spark) -> None:
+    manifest = read_manifest(workspace / "tuned")
+    assert (manifest.name, manifest.version) == ("mumic-demo", "t1")
+    expected = [(c.name, c.prompt) for c in fine_tune_classes()]
+    assert [(c.name, c.prompt) for c in manifest.classes] == expected
+    assert not any(c.zero_shot for c in manifest.classes)
+    data = manifest.training_data
+    assert data["table"] == str(workspace / "sample" / "labels") and data["format"] == "delta"
+    assert data["delta_version"] == 0 and data["split"] == "train" and data["val_split"] == "val"
+    assert data["seed"] == TRAIN_SEED and data["rows"] == jobs_ran["train"]["train_rows"] == 84
+    assert data["base"]["artifact"] == str(workspace / "base")
+    assert set(manifest.metrics["val"]) == {"gap", "gap_at_10", "map"}
+    assert 0.0 < manifest.metrics["val"]["gap"] <= 1.0 and manifest.metrics["epochs_run"] == 3
+    # The thresholds are the lowest validation scores reaching the target precision: recompute them.
+    labels = spark.read.format("delta").load(str(workspace / "sample" / "labels")).where("split = 'val'").toPandas()
+    predictor = Predictor.load(str(workspace / "tuned"), device="cpu")
+    loaded = load_pixels(list(labels["uri"]), predictor.spec, FetchCfg(allowed_schemes=("file",)), DecodeCfg())
+    probs, _ = predictor.predict(loaded.pixels)
+    y = np.array([[name in row for name, _ in expected] for row in labels["labels"]])
+    recomputed = metrics.class_thresholds(y, probs, 0.8)
+    np.testing.assert_allclose([c.threshold for c in manifest.classes], recomputed, atol=1e-4)
+
+
+def test_base_artifact_marks_its_prompt_classes_zero_shot(workspace, jobs_ran) -> None:
+    manifest = read_manifest(workspace / "base")
+    assert manifest.training_data["kind"] == "contrastive_pretraining"
+    assert manifest.training_data["caption_column"] == "caption" and manifest.training_data["rows"] == 84
+    assert all(c.zero_shot for c in manifest.classes) and len(manifest.classes) == len(fine_tune_classes())
+
+
+def test_runs_table_records_each_learning_job(workspace, jobs_ran, spark) -> None:
+    runs = {r["job"]: r for r in spark.read.format("delta").load(str(workspace / "runs")).collect()}
+    assert {"pretrain", "train", "evaluate"} <= set(runs)
+    for job in ("pretrain", "train", "evaluate"):
+        assert runs[job]["outcome"] == "succeeded" and runs[job]["source_version"] == 0
+    assert runs["train"]["model_version"] == "t1" and runs["evaluate"]["status_counts"] == {"ok": 18}
+
+
+def test_evaluate_writes_metrics_table_and_report(workspace, jobs_ran, spark) -> None:
+    summary = jobs_ran["evaluate"]
+    rows = spark.read.format("delta").load(str(workspace / "metrics")).collect()
+    assert {r["model_version"] for r in rows} == {"t1"} and {r["split"] for r in rows} == {"test"}
+    overall = {r["metric"]: r["value"] for r in rows if r["class"] is None}
+    assert {"gap", "gap_at_10", "map", "map_all", "zero_shot_map", "zero_shot_auc", "images"} <= set(overall)
+    assert overall["images"] == 18 and overall["gap"] == pytest.approx(summary["overall"]["gap"])
+    per_class = {(r["class"], r["metric"]): r for r in rows if r["class"] is not None}
+    for name in HOLDOUTS:
+        assert per_class[(name, "ap")]["zero_shot"] is True
+    assert per_class[("digit_1", "ap")]["zero_shot"] is False
+    assert {m for (_, m) in per_class} == {"ap", "auc", "support", "prevalence", "threshold", "precision", "recall"}
+    report = Path(summary["report"])
+    assert report.name == "report.md" and report.parent.name == "t1-test"
+    text = report.read_text()
+    assert "pr_curves.png" in text and "ap_per_class.png" in text and "purple" in text
+    for png in ("pr_curves.png", "ap_per_class.png"):
+        with Image.open(report.parent / png) as image:
+            assert image.format == "PNG" and image.width > 300
+
+
+def test_evaluate_scores_keeps_zero_shot_extras_out_of_the_headline_numbers() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.random((40, 4)) < 0.3
+    scores = np.where(y, 0.6, 0.4) + rng.normal(0, 0.15, y.shape)
+    classes = [ClassEntry("a", "pa"), ClassEntry("b", "pb"), ClassEntry("c", "pc"), ClassEntry("z", "pz", zero_shot=True)]
+    overall, per_class = evaluate_scores(y, scores, classes, n_own=3, k=2, map_classes=(), majority=2)
+    assert overall["gap"] == pytest.approx(metrics.gap_at_k(y[:, :3], scores[:, :3]))
+    assert overall["gap_at_2"] == pytest.approx(metrics.gap_at_k(y[:, :3], scores[:, :3], 2))
+    subset = metrics.majority_classes(y[:, :3], 2)
+    assert overall["map"] == pytest.approx(metrics.macro_map(y[:, :3], scores[:, :3], subset))
+    assert overall["zero_shot_map"] == pytest.approx(metrics.average_precision(y[:, 3], scores[:, 3]))
+    assert [r.name for r in per_class] == ["a", "b", "c", "z"] and per_class[3].zero_shot
+    assert per_class[0].support == int(y[:, 0].sum()) and not math.isnan(per_class[0].auc)
