@@ -142,11 +142,13 @@ class TagCfg:
     retry_after_s: float = 6 * 3600  # a failed row is retried only once this long has passed since its attempt
     partitions: int = 0  # tasks to score in; 0: auto, one per task slot, at least rows_per_task rows each
     rows_per_task: int = 500  # auto partitioning: fewer rows than this per task are not worth a model load
+    chunk_rows: int = 1_000_000  # rows scored and merged per chunk; a crash loses at most the chunk in flight
 
     def __post_init__(self) -> None:
         _require(self.max_attempts >= 1, "tag.max_attempts", "must be >= 1")
         _require(self.partitions >= 0, "tag.partitions", "must be >= 0")
         _require(self.rows_per_task >= 1, "tag.rows_per_task", "must be >= 1")
+        _require(self.chunk_rows >= 1, "tag.chunk_rows", "must be >= 1")
         _require(self.retry_after_s >= 0, "tag.retry_after_s", "must be >= 0")
 
 

@@ -55,6 +55,7 @@ def test_unknown_section_named(tmp_path):
     ("tag.full=maybe", "tag.full"),
     ("fetch.allowed_schemes=s3", "fetch.allowed_schemes"),
     ("infer.device=tpu", "infer.device"),
+    ("tag.chunk_rows=0", "tag.chunk_rows"),
 ])
 def test_bad_values_named(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

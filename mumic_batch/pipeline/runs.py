@@ -39,13 +39,15 @@ class RunRecord:
     images_per_s: float | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     message: str | None = None
+    chunks: int | None = None
+    chunks_merged: int | None = None
 
     def row(self, outcome: str) -> tuple:
         return (
             self.run_id, self.job, self.model_name, self.model_version,
             json.dumps(self.config, sort_keys=True), self.started_at, datetime.now(timezone.utc),
             outcome, self.message, self.source, self.source_version, self.selection, self.input_rows, self.processed, self.status_counts,
-            self.images_per_s, self.stage_seconds,
+            self.images_per_s, self.stage_seconds, self.chunks, self.chunks_merged,
         )
 
 

@@ -97,9 +97,12 @@ def merge_predictions(spark: SparkSession, source: DataFrame, path: str, model_v
 
 
 def append_rows(spark: SparkSession, rows: list[tuple], schema, path: str) -> None:
-    """Append a few driver-side rows (runs, metrics) to a Delta table, creating it if needed."""
+    """Append a few driver-side rows (runs, metrics) to a Delta table, creating it if needed.
+
+    Columns added to `schema` in a later release are added to an existing table (mergeSchema).
+    """
     ensure_delta(spark, path, schema)
-    spark.createDataFrame(rows, schema).write.format("delta").mode("append").save(path)
+    spark.createDataFrame(rows, schema).write.format("delta").mode("append").option("mergeSchema", "true").save(path)
 
 
 def table_exists(spark: SparkSession, path: str) -> bool:
@@ -107,8 +110,20 @@ def table_exists(spark: SparkSession, path: str) -> bool:
     return DeltaTable.isDeltaTable(spark, path)
 
 
+def list_dir(spark: SparkSession, path: str) -> list[str]:
+    """Names of the entries directly under `path` on any Hadoop filesystem ([] when it is absent)."""
+    fs, hpath = _filesystem(spark, path)
+    if not fs.exists(hpath):
+        return []
+    return sorted(status.getPath().getName() for status in fs.listStatus(hpath))
+
+
 def delete_path(spark: SparkSession, path: str) -> None:
     """Recursively delete a path on any Hadoop filesystem (local, s3a, ...)."""
-    jvm = spark.sparkContext._jvm
-    hpath = jvm.org.apache.hadoop.fs.Path(path)
-    hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).delete(hpath, True)
+    fs, hpath = _filesystem(spark, path)
+    fs.delete(hpath, True)
+
+
+def _filesystem(spark: SparkSession, path: str):
+    hpath = spark.sparkContext._jvm.org.apache.hadoop.fs.Path(path)
+    return hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), hpath

@@ -77,6 +77,8 @@ RUNS = StructType([
     StructField("status_counts", MapType(StringType(), LongType()), True),
     StructField("images_per_s", DoubleType(), True),
     StructField("stage_seconds", MapType(StringType(), DoubleType()), True),
+    StructField("chunks", LongType(), True),
+    StructField("chunks_merged", LongType(), True),
 ])
 
 # The metrics table (docs/tables.md): one row per (model version, dataset, split, class or overall, metric, run).

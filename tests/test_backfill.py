@@ -1,0 +1,130 @@
+"""Backfills in chunks: every row once, and a killed run resumes without loss or duplicates."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pyspark.sql import functions as F
+from pyspark.sql.types import StructType
+
+from jobs import tag_images
+from mumic_batch.config import SampleCfg
+from mumic_batch.core.sample import generate_sample
+from mumic_batch.pipeline.runs import RunRecord
+from mumic_batch.pipeline.sample import CATALOGUE
+from mumic_batch.tables.io import append_rows
+from mumic_batch.tables.schemas import RUNS
+
+pytestmark = pytest.mark.spark
+
+ROOT = Path(__file__).resolve().parents[1]
+MERGED = re.compile(r"run (\w+): chunk 1/(\d+) merged into predictions")
+
+
+@pytest.fixture(scope="module")
+def catalogue(spark, tmp_path_factory) -> str:
+    """24 sample images as a Delta catalogue."""
+    root = tmp_path_factory.mktemp("backfill")
+    sample = generate_sample(SampleCfg(out_dir=str(root / "sample"), n_images=24, seed=5))
+    rows = [(r.image_id, r.uri, r.updated_at.to_pydatetime()) for r in sample.catalogue.itertuples(index=False)]
+    path = str(root / "catalogue")
+    spark.createDataFrame(rows, CATALOGUE).write.format("delta").save(path)
+    return path
+
+
+def tag_args(tmp: Path, catalogue: str, artifact: Path, chunk_rows: int) -> list[str]:
+    return [
+        "--set", f"tables.catalogue={catalogue}",
+        "--set", f"tables.predictions={tmp / 'predictions'}",
+        "--set", f"tables.runs={tmp / 'runs'}",
+        "--set", f"model.artifact={artifact}",
+        "--set", "fetch.allowed_schemes=[file]",
+        "--set", "infer.batch_size=8",
+        "--set", f"tag.chunk_rows={chunk_rows}",
+    ]
+
+
+def run_tag(capsys, args: list[str]) -> tuple[dict, str]:
+    """The job in this process: its JSON summary and its log (stderr)."""
+    code = tag_images.main(args)
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert code == 0, summary
+    return summary, captured.err
+
+
+def staging_entries(tmp: Path) -> list[str]:
+    root = tmp / "predictions__staging"
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
+def test_chunked_run_tags_every_row_once_and_records_chunks(spark, capsys, tmp_path, catalogue, tiny_artifact):
+    summary, _ = run_tag(capsys, tag_args(tmp_path, catalogue, tiny_artifact, chunk_rows=8))
+    assert summary["processed"] == 24 and summary["chunks"] == 3
+    preds = spark.read.format("delta").load(str(tmp_path / "predictions"))
+    assert preds.count() == 24 and preds.select("image_id").distinct().count() == 24
+    assert {r["run_id"] for r in preds.select("run_id").distinct().collect()} == {summary["run_id"]}
+    run = spark.read.format("delta").load(str(tmp_path / "runs")).first()
+    assert (run["chunks"], run["chunks_merged"], run["processed"]) == (3, 3, 24)
+    assert sum(run["status_counts"].values()) == 24
+    assert staging_entries(tmp_path) == []
+
+
+def start_tag_job(args: list[str], log_file: Path) -> subprocess.Popen:
+    """The tagging job as a separate process group (driver, JVM and Python workers), logging to a file."""
+    cmd = [sys.executable, "-m", "jobs.tag_images", "--config", "conf/local.yaml", *args]
+    with log_file.open("w") as log:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+
+
+def kill_after_first_chunk(proc: subprocess.Popen, log_file: Path, timeout_s: float = 300) -> str:
+    """SIGKILL the whole job as soon as it logs its first merged chunk; return that run's id."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = MERGED.search(log_file.read_text())
+            if found:
+                return found.group(1)
+            time.sleep(0.05)
+        pytest.fail(f"the job never logged a merged chunk:\n{log_file.read_text()[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_killed_backfill_resumes_without_loss_or_duplicates(spark, capsys, tmp_path, catalogue, tiny_artifact):
+    args = tag_args(tmp_path, catalogue, tiny_artifact, chunk_rows=8)
+    killed_run = kill_after_first_chunk(start_tag_job(args, tmp_path / "job.log"), tmp_path / "job.log")
+    preds = spark.read.format("delta").load(str(tmp_path / "predictions"))
+    merged = {r["image_id"] for r in preds.select("image_id").collect()}
+    assert 0 < len(merged) < 24, "the kill must land between the first chunk's MERGE and the last"
+    assert staging_entries(tmp_path) == [killed_run]  # a killed driver cannot clean up
+
+    summary, log = run_tag(capsys, args)
+
+    assert summary["selection"] == "anti_join" and summary["processed"] == 24 - len(merged)
+    rows = spark.read.format("delta").load(str(tmp_path / "predictions"))
+    assert rows.count() == 24 and rows.select("image_id").distinct().count() == 24
+    first = rows.where(F.col("image_id").isin(*merged)).select("run_id", "attempts").distinct().collect()
+    assert [(r["run_id"], r["attempts"]) for r in first] == [(killed_run, 1)]  # not scored again
+    assert re.search(rf"WARNING .*staging directories of other runs.*{killed_run}", log)
+    assert run_tag(capsys, args)[0]["processed"] == 0
+
+
+def test_runs_table_from_before_chunking_gains_the_columns(spark, tmp_path):
+    old = StructType([f for f in RUNS.fields if not f.name.startswith("chunks")])
+    path = str(tmp_path / "runs")
+    spark.createDataFrame([RunRecord("tag_images", {}).row("succeeded")[:len(old)]], old).write.format("delta").save(path)
+    record = RunRecord("tag_images", {}, chunks=4, chunks_merged=2)
+    append_rows(spark, [record.row("failed")], RUNS, path)
+    rows = spark.read.format("delta").load(path).orderBy("outcome").collect()
+    assert [(r["outcome"], r["chunks"], r["chunks_merged"]) for r in rows] == [("failed", 4, 2), ("succeeded", None, None)]
