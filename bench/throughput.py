@@ -56,7 +56,7 @@ _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 # Log lines of jobs/tag_images.py that end each phase of a run (a missing one leaves its phase unknown).
 _PHASE_ENDS = (
     ("session_start", "spark session ready"),
-    ("selection", " to process in "),  # includes writing the worklist
+    ("selection", " to process (selected by "),  # includes writing the worklist
     ("scoring_and_stats", " status counts "),
     ("merge", " merged "),
     ("runs_row", " recorded in "),

@@ -43,10 +43,10 @@ def _tag(spark: SparkSession, cfg: JobCfg, record: RunRecord) -> dict:
     record.selection = selection.method
     staging = _staging(spark, cfg.tables.predictions, record.run_id)
     try:
-        chunks = _write_worklist(spark, selection.rows, f"{staging}/worklist", cfg.tag)
-        record.processed, record.chunks = sum(chunks.values()), len(chunks)
-        log.info("run %s: %d catalogue rows, %d to process in %d chunks (selected by %s)", record.run_id,
-                 record.input_rows, record.processed, record.chunks, selection.method)
+        chunks = _plan_chunks(spark, selection.rows, f"{staging}/worklist", cfg.tag)
+        record.processed, record.chunks = sum(rows for _, rows in chunks), len(chunks)
+        log.info("run %s: %d catalogue rows, %d to process (selected by %s), chunks: %d", record.run_id,
+                 record.input_rows, record.processed, selection.method, record.chunks)
         if record.processed:
             _score_chunks(spark, cfg, record, staging, chunks, manifest)
         else:
@@ -82,24 +82,26 @@ def _staging(spark: SparkSession, predictions: str, run_id: str) -> str:
     return f"{root}/{run_id}"
 
 
-def _write_worklist(spark: SparkSession, todo: DataFrame, path: str, tag: TagCfg) -> dict[int, int]:
-    """Materialise the rows to process, split into chunks by a hash of image_id; {chunk: rows}.
+def _plan_chunks(spark: SparkSession, todo: DataFrame, path: str, tag: TagCfg) -> list[tuple[DataFrame, int]]:
+    """The rows to process as (rows, count) chunks of about tag.chunk_rows.
 
-    Written once, so every chunk is a fixed set of rows whatever the later MERGEs change.
+    One chunk is `todo` itself. More are read from a worklist written once to `path` and split by a
+    hash of image_id, so every chunk is a fixed set of rows whatever the MERGEs before it change.
     """
     rows = todo.count()
-    if not rows:
-        return {}
+    if rows <= tag.chunk_rows:
+        return [(todo, rows)] if rows else []
     n = -(-rows // tag.chunk_rows)
     chunk = F.pmod(F.xxhash64("image_id"), F.lit(n)).cast("int").alias("chunk")
     # One shuffle partition per chunk value keeps each chunk in a few files, not one per task.
     todo.select("*", chunk).repartition("chunk").write.format("delta").partitionBy("chunk").save(path)
-    counts = spark.read.format("delta").load(path).groupBy("chunk").count().collect()
-    return {int(r["chunk"]): int(r["count"]) for r in sorted(counts, key=lambda r: r["chunk"])}
+    worklist = spark.read.format("delta").load(path)
+    counts = sorted((int(r["chunk"]), int(r["count"])) for r in worklist.groupBy("chunk").count().collect())
+    return [(worklist.where(F.col("chunk") == c).drop("chunk"), count) for c, count in counts]
 
 
-def _score_chunks(spark: SparkSession, cfg: JobCfg, record: RunRecord, staging: str, chunks: dict[int, int],
-                  manifest) -> None:
+def _score_chunks(spark: SparkSession, cfg: JobCfg, record: RunRecord, staging: str,
+                  chunks: list[tuple[DataFrame, int]], manifest) -> None:
     """Score and MERGE chunk by chunk: a crash loses at most the chunk in flight, and a rerun resumes."""
     spec = EngineSpec(
         artifact=cfg.model.artifact,
@@ -107,12 +109,10 @@ def _score_chunks(spark: SparkSession, cfg: JobCfg, record: RunRecord, staging: 
         zero_shot=tuple(ZeroShotClass(z.name, z.prompt, z.threshold) for z in cfg.model.zero_shot),
         fetch=cfg.fetch, decode=cfg.decode, infer=cfg.infer,
     )
-    worklist = spark.read.format("delta").load(f"{staging}/worklist")
     record.chunks_merged, done, started = 0, 0, time.perf_counter()
-    for n, (chunk, rows) in enumerate(chunks.items(), start=1):
+    for n, (todo, rows) in enumerate(chunks, start=1):
         log.info("run %s: chunk %d/%d: scoring %d rows", record.run_id, n, len(chunks), rows)
-        todo = worklist.where(F.col("chunk") == chunk).drop("chunk")
-        _score_and_merge(spark, cfg, record, todo, rows, spec, f"{staging}/scored-{chunk}")
+        _score_and_merge(spark, cfg, record, todo, rows, spec, f"{staging}/scored-{n}")
         record.chunks_merged, done = n, done + rows
         _log_progress(record, done, time.perf_counter() - started)
     wall = record.stage_seconds["score_wall"]
