@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -15,13 +14,13 @@ import pytest
 from pyspark.sql import functions as F
 from pyspark.sql.types import StructType
 
-from jobs import tag_images
 from mumic_batch.config import SampleCfg
 from mumic_batch.core.sample import generate_sample
 from mumic_batch.pipeline.runs import RunRecord
 from mumic_batch.pipeline.sample import CATALOGUE
 from mumic_batch.tables.io import append_rows
 from mumic_batch.tables.schemas import RUNS
+from tests.fixtures.tagging import run_tag_job, tag_args
 
 pytestmark = pytest.mark.spark
 
@@ -40,25 +39,8 @@ def catalogue(spark, tmp_path_factory) -> str:
     return path
 
 
-def tag_args(tmp: Path, catalogue: str, artifact: Path, chunk_rows: int) -> list[str]:
-    return [
-        "--set", f"tables.catalogue={catalogue}",
-        "--set", f"tables.predictions={tmp / 'predictions'}",
-        "--set", f"tables.runs={tmp / 'runs'}",
-        "--set", f"model.artifact={artifact}",
-        "--set", "fetch.allowed_schemes=[file]",
-        "--set", "infer.batch_size=8",
-        "--set", f"tag.chunk_rows={chunk_rows}",
-    ]
-
-
-def run_tag(capsys, args: list[str]) -> tuple[dict, str]:
-    """The job in this process: its JSON summary and its log (stderr)."""
-    code = tag_images.main(args)
-    captured = capsys.readouterr()
-    summary = json.loads(captured.out.strip().splitlines()[-1])
-    assert code == 0, summary
-    return summary, captured.err
+def backfill_args(tmp: Path, catalogue: str, artifact: Path) -> list[str]:
+    return tag_args(tmp, catalogue, artifact, "--set", "tag.chunk_rows=8")
 
 
 def staging_entries(tmp: Path) -> list[str]:
@@ -67,7 +49,7 @@ def staging_entries(tmp: Path) -> list[str]:
 
 
 def test_chunked_run_tags_every_row_once_and_records_chunks(spark, capsys, tmp_path, catalogue, tiny_artifact):
-    summary, _ = run_tag(capsys, tag_args(tmp_path, catalogue, tiny_artifact, chunk_rows=8))
+    summary, _ = run_tag_job(capsys, backfill_args(tmp_path, catalogue, tiny_artifact))
     assert summary["processed"] == 24 and summary["chunks"] == 3
     preds = spark.read.format("delta").load(str(tmp_path / "predictions"))
     assert preds.count() == 24 and preds.select("image_id").distinct().count() == 24
@@ -102,14 +84,14 @@ def kill_after_first_chunk(proc: subprocess.Popen, log_file: Path, timeout_s: fl
 
 
 def test_killed_backfill_resumes_without_loss_or_duplicates(spark, capsys, tmp_path, catalogue, tiny_artifact):
-    args = tag_args(tmp_path, catalogue, tiny_artifact, chunk_rows=8)
+    args = backfill_args(tmp_path, catalogue, tiny_artifact)
     killed_run = kill_after_first_chunk(start_tag_job(args, tmp_path / "job.log"), tmp_path / "job.log")
     preds = spark.read.format("delta").load(str(tmp_path / "predictions"))
     merged = {r["image_id"] for r in preds.select("image_id").collect()}
     assert 0 < len(merged) < 24, "the kill must land between the first chunk's MERGE and the last"
     assert staging_entries(tmp_path) == [killed_run]  # a killed driver cannot clean up
 
-    summary, log = run_tag(capsys, args)
+    summary, log = run_tag_job(capsys, args)
 
     assert summary["selection"] == "anti_join" and summary["processed"] == 24 - len(merged)
     rows = spark.read.format("delta").load(str(tmp_path / "predictions"))
@@ -117,7 +99,7 @@ def test_killed_backfill_resumes_without_loss_or_duplicates(spark, capsys, tmp_p
     first = rows.where(F.col("image_id").isin(*merged)).select("run_id", "attempts").distinct().collect()
     assert [(r["run_id"], r["attempts"]) for r in first] == [(killed_run, 1)]  # not scored again
     assert re.search(rf"WARNING .*staging directories of other runs.*{killed_run}", log)
-    assert run_tag(capsys, args)[0]["processed"] == 0
+    assert run_tag_job(capsys, args)[0]["processed"] == 0
 
 
 def test_runs_table_from_before_chunking_gains_the_columns(spark, tmp_path):

@@ -13,6 +13,7 @@ from mumic_batch.core import status as st
 from mumic_batch.core.ids import image_id_for
 from mumic_batch.core.sample import generate_sample
 from mumic_batch.pipeline.sample import CATALOGUE
+from tests.fixtures.tagging import run_tag_job, tag_args
 
 pytestmark = pytest.mark.spark
 
@@ -36,20 +37,7 @@ def write_catalogue(spark, rows, path: Path, fmt: str) -> str:
 
 
 def run_tag(capsys, tmp: Path, catalogue: str, artifact: Path, *extra: str) -> dict:
-    args = [
-        "--set", f"tables.catalogue={catalogue}",
-        "--set", f"tables.predictions={tmp / 'predictions'}",
-        "--set", f"tables.runs={tmp / 'runs'}",
-        "--set", f"model.artifact={artifact}",
-        "--set", "fetch.allowed_schemes=[file]",
-        "--set", "infer.batch_size=8",
-        *extra,
-    ]
-    code = tag_images.main(args)
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    summary = json.loads(last)
-    assert code == 0, summary
-    return summary
+    return run_tag_job(capsys, tag_args(tmp, catalogue, artifact, *extra))[0]
 
 
 def predictions(spark, tmp: Path):
