@@ -253,6 +253,7 @@ class TrainCfg:
     checkpoint_every: int = 5  # epochs between checkpoints (0: no checkpoints)
     resume: bool = True  # continue from a checkpoint of the same run (same config, base and data) if present
     target_precision: float = 0.8  # per-class threshold: lowest validation score whose precision reaches this
+    wise_alpha: float = 1.0  # WiSE-FT: saved towers = (1 - a) * base + a * fine-tuned; < 1 keeps more zero-shot ability
     seed: int = 0  # seed of the batch order and the augmentation
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 (bf16 autocast on CUDA only)
@@ -269,6 +270,7 @@ class TrainCfg:
         _require(self.patience >= 0 and self.checkpoint_every >= 0, "train.patience",
                  "and train.checkpoint_every must be >= 0")
         _require(0.0 < self.target_precision <= 1.0, "train.target_precision", "must be in (0, 1]")
+        _require(0.0 <= self.wise_alpha <= 1.0, "train.wise_alpha", "must be in [0, 1]")
         _require(not self.clip_weights or bool(self.architecture), "train.architecture",
                  "must name the architecture of train.clip_weights")
         _require(self.train_split != self.val_split, "train.val_split", "must differ from train.train_split")

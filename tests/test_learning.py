@@ -173,6 +173,28 @@ def test_only_the_chosen_towers_and_head_parameters_change(sample, pretrained, t
     assert "model.backbone.logit_scale" not in changed  # CLIP's own scale is replaced by log_scale
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_wise_ft_interpolates_the_towers_and_keeps_the_trained_head(sample, pretrained, alpha: float) -> None:
+    base, _ = pretrained
+    train, val = _small_sets(sample, 64, 32)
+    cfg = TrainCfg(epochs=2, batch_size=32, towers="both", checkpoint_every=0)
+    clf = _classifier(base, cfg)
+    before = train_mod.tower_weights(clf.model)
+    fit(clf, train, val, cfg, CPU)
+    tuned, head = train_mod.tower_weights(clf.model), (clf.model.log_scale.item(), clf.model.bias.item())
+    train_mod.wise_ft(clf.model, before, alpha)
+    after = train_mod.tower_weights(clf.model)
+    assert any(not torch.equal(before[k], tuned[k]) for k in before)
+    for k, w in after.items():
+        # Integer buffers are counters (BatchNorm's batches seen): they stay as trained.
+        want = before[k] + alpha * (tuned[k] - before[k]) if w.is_floating_point() else tuned[k]
+        torch.testing.assert_close(w, want, rtol=0, atol=1e-6)
+    assert (clf.model.log_scale.item(), clf.model.bias.item()) == head
+    if alpha == 0.0:  # the base model's embeddings, hence its zero-shot scores, come back exactly
+        with torch.no_grad():
+            torch.testing.assert_close(clf.model.encode_images(val.pixels), base.encode_images(val.pixels))
+
+
 def test_linear_probe_baseline_starts_at_the_zero_shot_classifier(pretrained) -> None:
     base, _ = pretrained
     cfg = TrainCfg(bias=False)

@@ -46,7 +46,7 @@ def _args(root: Path) -> list[str]:
         "fetch.allowed_schemes": "[file]", "fetch.local_roots": f"[{root / 'sample' / 'images'}]",
         "pretrain.out": root / "base", "pretrain.steps": 20, "pretrain.batch_size": 32, "pretrain.eval_every": 10,
         "train.base": root / "base", "train.epochs": 3, "train.checkpoint_every": 1, "train.seed": TRAIN_SEED,
-        "train.version": "t1", "model.artifact": root / "tuned", "model.zero_shot": json.dumps(zero_shot),
+        "train.version": "t1", "train.wise_alpha": 0.5, "model.artifact": root / "tuned", "model.zero_shot": json.dumps(zero_shot),
         "evaluate.report_dir": root / "reports", "infer.device": "cpu", "pretrain.device": "cpu",
         "train.device": "cpu",
     }
@@ -80,7 +80,9 @@ def test_trained_artifact_manifest_carries_classes_thresholds_metrics_and_data(w
     assert data["base"]["artifact"] == str(workspace / "base")
     assert set(manifest.metrics["val"]) == {"gap", "gap_at_10", "map"}
     assert 0.0 < manifest.metrics["val"]["gap"] <= 1.0 and manifest.metrics["epochs_run"] == 3
-    # The thresholds are the lowest validation scores reaching the target precision: recompute them.
+    assert manifest.metrics["wise_alpha"] == 0.5
+    # The thresholds are the lowest validation scores reaching the target precision of the saved
+    # (here WiSE-FT-interpolated) weights: recompute them from the artifact.
     labels = spark.read.format("delta").load(str(workspace / "sample" / "labels")).where("split = 'val'").toPandas()
     predictor = Predictor.load(str(workspace / "tuned"), device="cpu")
     loaded = load_pixels(list(labels["uri"]), predictor.spec, FetchCfg(allowed_schemes=("file",)), DecodeCfg())

@@ -233,6 +233,23 @@ class _Progress:
     stopped_early: bool = False
 
 
+def tower_weights(model: MuMIC) -> dict[str, Tensor]:
+    """A CPU copy of the towers' weights (the backbone), e.g. of the base model before fine-tuning."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.backbone.state_dict().items()}
+
+
+def wise_ft(model: MuMIC, base: dict[str, Tensor], alpha: float) -> None:
+    """WiSE-FT (Wortsman et al., CVPR 2022): move the towers to (1 - alpha) * base + alpha * fine-tuned.
+
+    Interpolating the weights of a fine-tuned model with its zero-shot base keeps much of the base's
+    zero-shot ability for classes the fine-tuning never saw. The learned temperature and bias stay.
+    """
+    with torch.no_grad():
+        for name, weight in model.backbone.state_dict().items():
+            if weight.is_floating_point():
+                weight.copy_(torch.lerp(base[name].to(weight), weight, alpha))
+
+
 def fit(clf: Classifier, train: LabelledSet, val: LabelledSet, cfg: TrainCfg, device: torch.device, *,
         checkpoint_dir: str | os.PathLike[str] | None = None, fingerprint: str = "") -> FitResult:
     """Fine-tune `clf` on `train`, validating on `val` every epoch; resume from `checkpoint_dir` when it matches."""

@@ -7,6 +7,7 @@ to the training data (table, Delta version, splits, seed, row counts, base model
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -28,7 +29,7 @@ from mumic_batch.model.backbone import preprocess_spec
 from mumic_batch.model.base import load_base
 from mumic_batch.model.images import load_pixels
 from mumic_batch.model.optim import resolve_device
-from mumic_batch.model.train import Classifier, FitResult, LabelledSet, fit
+from mumic_batch.model.train import Classifier, FitResult, LabelledSet, fit, predict, tower_weights, wise_ft
 from mumic_batch.pipeline.labels import LabelsTable, map_class_indices, multi_hot, read_labels, training_classes
 from mumic_batch.pipeline.runs import RunRecord, recorded
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 JOB = "train"
 # Settings that change nothing in the trained weights: a checkpoint stays valid when only these differ.
 _NOT_IN_FINGERPRINT = ("name", "version", "overwrite", "checkpoint_dir", "checkpoint_every", "resume",
-                       "target_precision")
+                       "target_precision", "wise_alpha")
 
 
 def run(spark, cfg: JobCfg) -> dict:
@@ -73,8 +74,12 @@ def _train(spark, cfg: JobCfg, record: RunRecord) -> dict:
     _check_data(train, val, tc, cfg.tables.labels)
     record.stage_seconds["load"] = time.perf_counter() - started
     clf = Classifier(model, [c.prompt for c in classes])
-    result = fit(clf, train, val, tc, resolve_device(tc.device),
+    base_towers = tower_weights(model) if tc.wise_alpha < 1.0 else None
+    device = resolve_device(tc.device)
+    result = fit(clf, train, val, tc, device,
                  checkpoint_dir=tc.checkpoint_dir or f"{out}.ckpt", fingerprint=fingerprint(tc, base_ref, labels))
+    if base_towers is not None:
+        result = _interpolate(clf, base_towers, val, result, tc, device)
     record.stage_seconds["train"] = result.seconds
     record.processed = int(train.pixels.shape[0] + val.pixels.shape[0])
     version = tc.version or "ft-" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -84,10 +89,20 @@ def _train(spark, cfg: JobCfg, record: RunRecord) -> dict:
                      rows=int(train.pixels.shape[0]), val_rows=int(val.pixels.shape[0]),
                      label_column=tc.label_column, base=base_ref)
     manifest = save_artifact(out, clf.model, name=tc.name, version=version, classes=entries, training_data=ref,
-                             metrics={"val": val_metrics, **_fit_summary(result)}, overwrite=tc.overwrite)
+                             metrics={"val": val_metrics, **_fit_summary(result), "wise_alpha": tc.wise_alpha}, overwrite=tc.overwrite)
     return {"job": JOB, "run_id": record.run_id, "model": out, "name": manifest.name, "version": manifest.version,
             "train_rows": int(train.pixels.shape[0]), "val_rows": int(val.pixels.shape[0]),
             "val": val_metrics, **_fit_summary(result), "seconds": round(result.seconds, 1)}
+
+
+def _interpolate(clf: Classifier, base: dict, val: LabelledSet, result: FitResult, tc: TrainCfg,
+                 device: torch.device) -> FitResult:
+    """WiSE-FT the fine-tuned towers towards the base; thresholds are then chosen on the interpolated model."""
+    wise_ft(clf.model, base, tc.wise_alpha)
+    probs = predict(clf, val.pixels, device, tc.precision)
+    gap = metrics.gap_at_k(val.targets.numpy(), probs)
+    log.info("WiSE-FT alpha %.2f: validation GAP %.4f (fine-tuned %.4f)", tc.wise_alpha, gap, result.best_val_gap)
+    return dataclasses.replace(result, val_probs=probs, best_val_gap=gap)
 
 
 def _labelled(frame: pd.DataFrame, classes: Sequence[ClassPromptCfg], spec: PreprocessSpec, cfg: JobCfg,
