@@ -62,6 +62,13 @@ def test_bad_values_named(override, key):
         load_config(None, [override])
 
 
+def test_exponent_without_a_dot_is_a_float(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr_text: 1e-6\n")
+    cfg = load_config(str(path), ["train.lr_image=5e-4"])
+    assert (cfg.train.lr_image, cfg.train.lr_text) == (5e-4, 1e-6)
+
+
 def test_malformed_override():
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, ["infer.batch_size"])
