@@ -156,8 +156,12 @@ def ablation(cfg: JobCfg, args: argparse.Namespace, work: Path) -> dict[str, lis
 
 def table(results: dict[str, list[dict[str, float]]], k: int) -> str:
     """Markdown table of mean +- sample std over seeds."""
-    cols = ["gap", f"gap_at_{k}", "map"]
-    lines = [f"| variant | GAP | GAP@{k} | mAP |", "|---|---|---|---|"]
+    return mean_std_table("variant", ["GAP", f"GAP@{k}", "mAP"], ["gap", f"gap_at_{k}", "map"], results)
+
+
+def mean_std_table(row_title: str, titles: list[str], cols: list[str], results: dict) -> str:
+    """Markdown table, one row per key of `results`: mean +- sample std over its runs of each column."""
+    lines = [f"| {row_title} | " + " | ".join(titles) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, runs in results.items():
         cells = []
         for col in cols:

@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from ablation import load_sample, machine, pretrained_base, targets  # noqa: E402
+from ablation import load_sample, machine, mean_std_table, pretrained_base, targets  # noqa: E402
 
 from mumic_batch.config import JobCfg, load_config  # noqa: E402
 from mumic_batch.core import metrics  # noqa: E402
@@ -109,15 +109,7 @@ def sweep(cfg: JobCfg, args: argparse.Namespace, work: Path) -> dict[float, list
 
 def table(results: dict[float, list[dict[str, float]]]) -> str:
     cols = list(next(iter(results.values()))[0])
-    lines = ["| alpha | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for alpha, runs in results.items():
-        cells = []
-        for col in cols:
-            values = np.array([r[col] for r in runs])
-            std = values.std(ddof=1) if values.size > 1 else 0.0
-            cells.append(f"{values.mean():.3f} ± {std:.3f}")
-        lines.append(f"| {alpha:.1f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return mean_std_table("alpha", cols, cols, {f"{a:.1f}": runs for a, runs in results.items()})
 
 
 def main(argv: list[str] | None = None) -> int:
