@@ -29,13 +29,18 @@ MERGED = re.compile(r"run (\w+): chunk 1/(\d+) merged into predictions")
 
 
 @pytest.fixture(scope="module")
-def catalogue(spark, tmp_path_factory) -> str:
-    """24 sample images as a Delta catalogue."""
+def sample_rows(tmp_path_factory) -> list[tuple]:
+    """24 sample images as catalogue rows (image_id, uri, updated_at)."""
     root = tmp_path_factory.mktemp("backfill")
     sample = generate_sample(SampleCfg(out_dir=str(root / "sample"), n_images=24, seed=5))
-    rows = [(r.image_id, r.uri, r.updated_at.to_pydatetime()) for r in sample.catalogue.itertuples(index=False)]
-    path = str(root / "catalogue")
-    spark.createDataFrame(rows, CATALOGUE).write.format("delta").save(path)
+    return [(r.image_id, r.uri, r.updated_at.to_pydatetime()) for r in sample.catalogue.itertuples(index=False)]
+
+
+@pytest.fixture(scope="module")
+def catalogue(spark, sample_rows, tmp_path_factory) -> str:
+    """The 24 rows as a Delta catalogue."""
+    path = str(tmp_path_factory.mktemp("catalogue") / "catalogue")
+    spark.createDataFrame(sample_rows, CATALOGUE).write.format("delta").save(path)
     return path
 
 
@@ -100,6 +105,26 @@ def test_killed_backfill_resumes_without_loss_or_duplicates(spark, capsys, tmp_p
     assert [(r["run_id"], r["attempts"]) for r in first] == [(killed_run, 1)]  # not scored again
     assert re.search(rf"WARNING .*staging directories of other runs.*{killed_run}", log)
     assert run_tag_job(capsys, args)[0]["processed"] == 0
+
+
+def test_killed_change_feed_run_resumes_from_the_last_successful_version(spark, capsys, tmp_path, sample_rows,
+                                                                        tiny_artifact):
+    path = str(tmp_path / "catalogue")
+    first, later = sample_rows[:8], sample_rows[8:]
+    spark.createDataFrame(first, CATALOGUE).write.format("delta").option("delta.enableChangeDataFeed", "true").save(path)
+    args = backfill_args(tmp_path, path, tiny_artifact)
+    assert run_tag_job(capsys, args)[0]["processed"] == 8
+    spark.createDataFrame(later, CATALOGUE).write.format("delta").mode("append").save(path)
+    kill_after_first_chunk(start_tag_job(args, tmp_path / "job.log"), tmp_path / "job.log")
+    merged = spark.read.format("delta").load(str(tmp_path / "predictions")).count() - 8
+    assert 0 < merged < 16
+
+    # The killed run recorded no catalogue version, so the change feed starts after the first run's.
+    summary, _ = run_tag_job(capsys, args)
+
+    assert summary["selection"] == "change_feed" and summary["processed"] == 16 - merged
+    rows = spark.read.format("delta").load(str(tmp_path / "predictions"))
+    assert rows.count() == 24 and rows.select("image_id").distinct().count() == 24
 
 
 def test_runs_table_from_before_chunking_gains_the_columns(spark, tmp_path):
