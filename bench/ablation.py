@@ -108,6 +108,20 @@ def targets(labels, rows: np.ndarray, column: str, names: list[str]) -> torch.Te
     return torch.tensor([[n in row for n in names] for row in labels[column].iloc[rows]], dtype=torch.float32)
 
 
+def splits(cfg: JobCfg, labels, pixels: torch.Tensor) -> dict:
+    """Train and val sets (noisy labels) and the test split (clean labels) over the fine-tuning classes."""
+    names = [c.name for c in fine_tune_classes()]
+    rows = {s: np.flatnonzero(labels["split"] == s) for s in ("train", "val", "test")}
+    test_y = targets(labels, rows["test"], "clean_labels", names).numpy()
+    return {
+        "prompts": [c.prompt for c in fine_tune_classes()], "test_rows": rows["test"],
+        "train": LabelledSet(pixels[rows["train"]], targets(labels, rows["train"], "labels", names)),
+        "val": LabelledSet(pixels[rows["val"]], targets(labels, rows["val"], "labels", names)),
+        "test_pixels": pixels[rows["test"]], "test_y": test_y, "k": cfg.evaluate.gap_k,
+        "map_idx": metrics.majority_classes(test_y, cfg.evaluate.majority),
+    }
+
+
 def pretrained_base(cfg: JobCfg, labels, pixels: torch.Tensor, seed: int) -> MuMIC:
     """The stand-in base model of one seed, pretrained on the train split's captions."""
     model = build_mumic(named_architecture(cfg.pretrain.architecture), seed=seed)
@@ -131,16 +145,7 @@ def run_variant(base: MuMIC, head: str, tcfg: TrainCfg, data: dict) -> dict[str,
 
 def ablation(cfg: JobCfg, args: argparse.Namespace, work: Path) -> dict[str, list[dict[str, float]]]:
     labels, pixels = load_sample(cfg, args.images or cfg.sample.n_images, work)
-    names = [c.name for c in fine_tune_classes()]
-    split = {s: np.flatnonzero(labels["split"] == s) for s in ("train", "val", "test")}
-    test_y = targets(labels, split["test"], "clean_labels", names).numpy()
-    data = {
-        "prompts": [c.prompt for c in fine_tune_classes()],
-        "train": LabelledSet(pixels[split["train"]], targets(labels, split["train"], "labels", names)),
-        "val": LabelledSet(pixels[split["val"]], targets(labels, split["val"], "labels", names)),
-        "test_pixels": pixels[split["test"]], "test_y": test_y, "k": cfg.evaluate.gap_k,
-        "map_idx": metrics.majority_classes(test_y, cfg.evaluate.majority),
-    }
+    data = splits(cfg, labels, pixels)
     base_cfg = dataclasses.replace(cfg.train, device="cpu", checkpoint_every=0, epochs=args.epochs)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
     for seed in range(args.seeds):

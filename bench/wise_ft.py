@@ -28,20 +28,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from ablation import load_sample, machine, mean_std_table, pretrained_base, targets  # noqa: E402
+from ablation import load_sample, machine, mean_std_table, pretrained_base, splits, targets  # noqa: E402
 
 from mumic_batch.config import JobCfg, load_config  # noqa: E402
 from mumic_batch.core import metrics  # noqa: E402
-from mumic_batch.core.sample import CLASSES, HOLDOUTS, fine_tune_classes  # noqa: E402
+from mumic_batch.core.sample import CLASSES, HOLDOUTS  # noqa: E402
 from mumic_batch.model.base import set_bias  # noqa: E402
-from mumic_batch.model.train import Classifier, LabelledSet, fit, predict, tower_weights, wise_ft  # noqa: E402
+from mumic_batch.model.train import Classifier, fit, predict, tower_weights, wise_ft  # noqa: E402
 
 log = logging.getLogger("bench.wise_ft")
 
@@ -60,18 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def split_data(cfg: JobCfg, labels, pixels: torch.Tensor) -> dict:
-    names = [c.name for c in fine_tune_classes()]
+    """bench/ablation.py's splits, plus the zero-shot holdout classes' test labels."""
     holdouts = [c for c in CLASSES if c.name in HOLDOUTS]
-    rows = {s: np.flatnonzero(labels["split"] == s) for s in ("train", "val", "test")}
-    test_y = targets(labels, rows["test"], "clean_labels", names).numpy()
-    return {
-        "train": LabelledSet(pixels[rows["train"]], targets(labels, rows["train"], "labels", names)),
-        "val": LabelledSet(pixels[rows["val"]], targets(labels, rows["val"], "labels", names)),
-        "test_pixels": pixels[rows["test"]], "test_y": test_y,
-        "map_idx": metrics.majority_classes(test_y, cfg.evaluate.majority),
-        "holdouts": holdouts,
-        "holdout_y": targets(labels, rows["test"], "clean_labels", [c.name for c in holdouts]).numpy(),
-    }
+    data = splits(cfg, labels, pixels)
+    data["holdouts"] = holdouts
+    data["holdout_y"] = targets(labels, data["test_rows"], "clean_labels", [c.name for c in holdouts]).numpy()
+    return data
 
 
 def score(clf: Classifier, data: dict, k: int) -> dict[str, float]:
@@ -97,12 +89,12 @@ def sweep(cfg: JobCfg, args: argparse.Namespace, work: Path) -> dict[float, list
         model = pretrained_base(cfg, labels, pixels, seed)
         set_bias(model, tcfg.bias, tcfg.init_bias)
         base = tower_weights(model)
-        clf = Classifier(model, [c.prompt for c in fine_tune_classes()])
+        clf = Classifier(model, data["prompts"])
         fit(clf, data["train"], data["val"], dataclasses.replace(tcfg, seed=seed), CPU)
         for alpha in args.alphas:
             mixed = copy.deepcopy(clf)
             wise_ft(mixed.model, base, alpha)
-            results[alpha].append(score(mixed, data, cfg.evaluate.gap_k))
+            results[alpha].append(score(mixed, data, data["k"]))
             log.info("seed %d, alpha %.2f: %s", seed, alpha, {k: round(v, 4) for k, v in results[alpha][-1].items()})
     return results
 

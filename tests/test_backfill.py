@@ -111,7 +111,8 @@ def test_killed_change_feed_run_resumes_from_the_last_successful_version(spark, 
                                                                         tiny_artifact):
     path = str(tmp_path / "catalogue")
     first, later = sample_rows[:8], sample_rows[8:]
-    spark.createDataFrame(first, CATALOGUE).write.format("delta").option("delta.enableChangeDataFeed", "true").save(path)
+    writer = spark.createDataFrame(first, CATALOGUE).write.format("delta")
+    writer.option("delta.enableChangeDataFeed", "true").save(path)
     args = backfill_args(tmp_path, path, tiny_artifact)
     assert run_tag_job(capsys, args)[0]["processed"] == 8
     spark.createDataFrame(later, CATALOGUE).write.format("delta").mode("append").save(path)
@@ -130,8 +131,10 @@ def test_killed_change_feed_run_resumes_from_the_last_successful_version(spark, 
 def test_runs_table_from_before_chunking_gains_the_columns(spark, tmp_path):
     old = StructType([f for f in RUNS.fields if not f.name.startswith("chunks")])
     path = str(tmp_path / "runs")
-    spark.createDataFrame([RunRecord("tag_images", {}).row("succeeded")[:len(old)]], old).write.format("delta").save(path)
+    old_row = RunRecord("tag_images", {}).row("succeeded")[:len(old)]
+    spark.createDataFrame([old_row], old).write.format("delta").save(path)
     record = RunRecord("tag_images", {}, chunks=4, chunks_merged=2)
     append_rows(spark, [record.row("failed")], RUNS, path)
     rows = spark.read.format("delta").load(path).orderBy("outcome").collect()
-    assert [(r["outcome"], r["chunks"], r["chunks_merged"]) for r in rows] == [("failed", 4, 2), ("succeeded", None, None)]
+    got = [(r["outcome"], r["chunks"], r["chunks_merged"]) for r in rows]
+    assert got == [("failed", 4, 2), ("succeeded", None, None)]

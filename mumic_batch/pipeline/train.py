@@ -88,8 +88,9 @@ def _train(spark, cfg: JobCfg, record: RunRecord) -> dict:
     ref = labels.ref(kind="mumic_fine_tune", split=tc.train_split, val_split=tc.val_split, seed=tc.seed,
                      rows=int(train.pixels.shape[0]), val_rows=int(val.pixels.shape[0]),
                      label_column=tc.label_column, base=base_ref)
+    fit_metrics = {"val": val_metrics, **_fit_summary(result), "wise_alpha": tc.wise_alpha}
     manifest = save_artifact(out, clf.model, name=tc.name, version=version, classes=entries, training_data=ref,
-                             metrics={"val": val_metrics, **_fit_summary(result), "wise_alpha": tc.wise_alpha}, overwrite=tc.overwrite)
+                             metrics=fit_metrics, overwrite=tc.overwrite)
     return {"job": JOB, "run_id": record.run_id, "model": out, "name": manifest.name, "version": manifest.version,
             "train_rows": int(train.pixels.shape[0]), "val_rows": int(val.pixels.shape[0]),
             "val": val_metrics, **_fit_summary(result), "seconds": round(result.seconds, 1)}
