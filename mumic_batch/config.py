@@ -125,14 +125,24 @@ class DecodeCfg:
 
 @dataclass(frozen=True)
 class InferCfg:
-    batch_size: int = 32  # images per model forward pass
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "fp32"  # fp32 | bf16 (bf16 autocast on CUDA only)
+    batch_size: int = 32  # images per model forward pass, filled across Arrow frames (256 or more on a GPU)
+    prefetch_batches: int = 2  # model batches prepared ahead of the one the model runs (bounds memory)
+    decode_workers: int = 0  # threads decoding and resizing at once; 0: the CPU cores the task was given
+    decode: str = "cpu"  # cpu: Pillow decode + resize on CPU threads; gpu: JPEGs decoded and resized on the device
+    device: str = "auto"  # auto | cpu | cuda (auto: cuda when torch sees one)
+    precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 on CUDA, fp32 on CPU)
+    compile: bool = False  # torch.compile the image tower (slower start, faster steady state on a GPU)
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "infer.batch_size", "must be >= 1")
-        _require(self.device in ("auto", "cpu", "cuda"), "infer.device", "must be auto, cpu or cuda")
-        _require(self.precision in ("fp32", "bf16"), "infer.precision", "must be fp32 or bf16")
+        _require(self.prefetch_batches >= 1, "infer.prefetch_batches", "must be >= 1")
+        _require(self.decode_workers >= 0, "infer.decode_workers", "must be >= 0")
+        _require(self.decode in DECODERS, "infer.decode", f"must be one of {DECODERS}")
+        _require(self.device in DEVICES, "infer.device", f"must be one of {DEVICES}")
+        _require(self.precision in ("auto",) + PRECISIONS, "infer.precision", f"must be auto or one of {PRECISIONS}")
+
+
+DECODERS = ("cpu", "gpu")
 
 
 @dataclass(frozen=True)

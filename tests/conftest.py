@@ -5,3 +5,16 @@ pytest_plugins = [
     "tests.fixtures.spark",
     "tests.fixtures.models",
 ]
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: without it they are reported as skipped, with the reason, never silently."""
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -214,7 +214,7 @@ def test_zero_shot_name_clashing_with_a_trained_class_is_refused(tiny_artifact: 
 
 
 def test_predictor_validates_device_and_precision(tiny_artifact: Path) -> None:
-    with pytest.raises(ValueError, match="precision must be one of"):
+    with pytest.raises(ValueError, match="precision must be auto or one of"):
         Predictor.load(str(tiny_artifact), device="cpu", precision="fp8")
     auto = Predictor.load(str(tiny_artifact), device="auto", precision="bf16")
     assert auto.device.type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,6 +1,7 @@
-"""The per-worker engine cache behind the tagging UDF (no Spark session needed)."""
+"""The per-worker runner cache behind the tagging UDF (no Spark session needed)."""
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from mumic_batch.config import DecodeCfg, FetchCfg, InferCfg
@@ -24,7 +25,7 @@ def test_engine_built_once_per_worker_and_reused(tiny_artifact):
     assert udf.get_engine(spec_for(tiny_artifact)) is first
     other = udf.get_engine(spec_for(tiny_artifact, threads=3))
     assert other is not first
-    assert [c.name for c in first.predictor.classes if c.zero_shot] == ["pool"]
+    assert [c.name for c in first.model.classes if c.zero_shot] == ["pool"]
 
 
 def test_artifact_changed_under_the_run_is_refused(tiny_artifact):
@@ -32,13 +33,31 @@ def test_artifact_changed_under_the_run_is_refused(tiny_artifact):
         udf.get_engine(spec_for(tiny_artifact, sha="0" * 64))
 
 
-def test_udf_function_maps_frames_to_rows(tiny_artifact, hostile_images):
-    frames = [pd.DataFrame({"image_id": ["a", "b"], "uri": [str(hostile_images["jpeg"]), "/nope/missing.jpg"],
-                            "source_updated_at": [pd.NaT, pd.NaT]})]
-    out = list(udf.tag_frames(spec_for(tiny_artifact))(iter(frames)))
-    assert len(out) == 1 and list(out[0]["image_id"]) == ["a", "b"]
-    assert list(out[0]["status"]) == ["ok", "not_found"]
-    assert [f.name for f in udf.UDF_OUTPUT.fields] == list(out[0].columns)
+def test_udf_function_maps_batches_to_rows(tiny_artifact, hostile_images):
+    frame = pd.DataFrame({"image_id": ["a", "b"], "uri": [str(hostile_images["jpeg"]), "/nope/missing.jpg"],
+                          "source_updated_at": pd.to_datetime([None, None], utc=True)})
+    out = list(udf.tag_batches(spec_for(tiny_artifact))(iter([pa.RecordBatch.from_pandas(frame)])))
+    assert len(out) == 1 and out[0].column("image_id").to_pylist() == ["a", "b"]
+    assert out[0].column("status").to_pylist() == ["ok", "not_found"]
+    assert [f.name for f in udf.UDF_OUTPUT.fields] == out[0].schema.names
+
+
+def test_udf_output_schema_is_the_predictions_contract():
+    """UDF_OUTPUT is derived from the runner's Arrow schema; this is the Spark schema tables are written with."""
+    from pyspark.sql.types import (ArrayType, DoubleType, FloatType, IntegerType, MapType, StringType,
+                                   StructField, StructType, TimestampType)
+    assert udf.UDF_OUTPUT == StructType([
+        StructField("image_id", StringType(), False), StructField("uri", StringType(), True),
+        StructField("source_updated_at", TimestampType(), True), StructField("status", StringType(), False),
+        StructField("error", StringType(), True), StructField("probs", MapType(StringType(), FloatType()), True),
+        StructField("labels", ArrayType(StringType()), True),
+        StructField("zero_shot_probs", MapType(StringType(), FloatType()), True),
+        StructField("zero_shot_labels", ArrayType(StringType()), True),
+        StructField("embedding", ArrayType(FloatType()), True), StructField("content_sha256", StringType(), True),
+        StructField("width", IntegerType(), True), StructField("height", IntegerType(), True),
+        StructField("fetch_ms", DoubleType(), True), StructField("decode_ms", DoubleType(), True),
+        StructField("infer_ms", DoubleType(), True),
+    ])
 
 
 def test_outside_a_task_the_configured_device_is_used():

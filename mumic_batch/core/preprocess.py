@@ -57,36 +57,56 @@ class PreprocessSpec:
 
 def preprocess(image: Image.Image, spec: PreprocessSpec, out: np.ndarray | None = None) -> np.ndarray:
     """float32 array [3, size, size]; written into `out` (e.g. a row of a batch) when given."""
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    image = _resize(image, spec)
-    if spec.resize_mode != "squash":
-        image = _center_crop_or_pad(image, spec.size, spec.fill_color)
-    # Same float32 operations, in the same order, as ToTensor (/255) and Normalize (-mean, /std).
-    hwc = np.asarray(image, dtype=np.float32) / np.float32(255.0)
-    hwc = (hwc - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
-    chw = hwc.transpose(2, 0, 1)
+    chw = normalise(resize_crop(image, spec), spec).transpose(2, 0, 1)
     if out is None:
         return np.ascontiguousarray(chw)
     out[...] = chw
     return out
 
 
-def _resize(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
-    width, height = image.size
+def resize_crop(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """uint8 array [size, size, 3] (HWC): the geometric half of the eval transform, before normalisation.
+
+    The inference runner ships these bytes to the device and normalises there (a quarter of the
+    bytes of float32, and no float work on the CPU).
+    """
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    image = _resize(image, spec)
+    if spec.resize_mode != "squash":
+        image = _center_crop_or_pad(image, spec.size, spec.fill_color)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def normalise(hwc: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """uint8 [..., 3] -> float32 with ToTensor (/255) and Normalize (-mean, /std), same operations in the same order."""
+    scaled = hwc.astype(np.float32) / np.float32(255.0)
+    return (scaled - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
+
+
+def resized_size(width: int, height: int, spec: PreprocessSpec) -> tuple[int, int]:
+    """(width, height) after the resize step of the eval transform (before the crop or pad)."""
     if spec.resize_mode == "shortest":
         # torchvision's rule for Resize(int): the short side becomes `size`, the long side is
         # truncated (int()), not rounded.
         short, long = min(width, height), max(width, height)
         new_short, new_long = spec.size, int(spec.size * long / short)
-        new = (new_short, new_long) if width <= height else (new_long, new_short)
-    elif spec.resize_mode == "longest":
+        return (new_short, new_long) if width <= height else (new_long, new_short)
+    if spec.resize_mode == "longest":
         # open_clip ResizeKeepRatio(longest=1): scale by the larger ratio, round each side.
         ratio = max(height / spec.size, width / spec.size)
-        new = (round(width / ratio), round(height / ratio))
-    else:
-        new = (spec.size, spec.size)
-    if new == (width, height):  # torchvision skips the resize in this case too
+        return round(width / ratio), round(height / ratio)
+    return spec.size, spec.size
+
+
+def crop_offsets(width: int, height: int, size: int) -> tuple[int, int]:
+    """(left, top) of the centre crop of a `size` square from an image at least that large."""
+    return int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+
+
+def _resize(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    new = resized_size(*image.size, spec)
+    if new == image.size:  # torchvision skips the resize in this case too
         return image
     return image.resize(new, INTERPOLATIONS[spec.interpolation])
 
@@ -100,8 +120,7 @@ def _center_crop_or_pad(image: Image.Image, size: int, fill: int) -> Image.Image
         canvas.paste(image, (pad_left, pad_top))
         image = canvas
         width, height = image.size
-    top = int(round((height - size) / 2.0))
-    left = int(round((width - size) / 2.0))
+    left, top = crop_offsets(width, height, size)
     if (left, top, width, height) == (0, 0, size, size):
         return image
     return image.crop((left, top, left + size, top + size))

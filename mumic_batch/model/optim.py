@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterable
 
@@ -10,21 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; asking for cuda without one is an error, not a silent CPU run."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
-    return torch.device(device)
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[object]:
-    """bf16 autocast on CUDA with precision='bf16'; a no-op otherwise (CPU training stays fp32 and exact)."""
-    if device.type == "cuda" and precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from mumic_batch.model.device import autocast, resolve_device  # noqa: F401 - re-exported for training code
 
 
 def param_group(params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> list[dict]:

@@ -1,8 +1,12 @@
-"""Predictor: a loaded, verified MuMIC artifact as a numpy-in, numpy-out function (one per Python worker)."""
+"""Predictor: a loaded, verified MuMIC artifact on a device (one per Python worker).
+
+Two entry points: `score_uint8` (the runner's: uint8 NHWC pixels already on the device, normalised
+there, results left on the device) and `predict` (float pixels in, numpy out: tests, evaluation of
+in-memory arrays and the model-only benchmark).
+"""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Protocol
@@ -12,11 +16,10 @@ import torch
 
 from mumic_batch.core.preprocess import PreprocessSpec
 from mumic_batch.model.artifact import ClassEntry, Manifest, load_artifact
+from mumic_batch.model.device import autocast, resolve_device, resolve_precision
 from mumic_batch.model.mumic import MuMIC
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("fp32", "bf16")
 
 
 class ClassLike(Protocol):
@@ -25,13 +28,6 @@ class ClassLike(Protocol):
     name: str
     prompt: str
     threshold: float
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def merge_classes(manifest_classes: Sequence[ClassEntry], zero_shot: Sequence[ClassLike]) -> tuple[ClassEntry, ...]:
@@ -49,17 +45,22 @@ class Predictor:
     """Scores preprocessed pixel batches: class probabilities and unit-norm image embeddings."""
 
     def __init__(
-        self, model: MuMIC, manifest: Manifest, classes: tuple[ClassEntry, ...], device: torch.device, precision: str
+        self, model: MuMIC, manifest: Manifest, classes: tuple[ClassEntry, ...], device: torch.device, precision: str,
+        compile_model: bool = False,
     ) -> None:
         """Use Predictor.load; this wires an already-loaded model and precomputes the class embeddings."""
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = resolve_precision(precision, device)
         self.model = model.to(device).eval()
+        if device.type == "cuda":
+            # The runner hands over NHWC pixels; channels_last convolutions then need no layout change.
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.manifest = manifest
         self.classes = classes
         self.device = device
-        self.precision = precision
         self.spec: PreprocessSpec = manifest.preprocess_spec
+        self._mean = torch.tensor(self.spec.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.spec.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self._encode = torch.compile(self.model.encode_images, dynamic=False) if compile_model else self.model.encode_images
         with torch.inference_mode(), self._autocast():
             # prompts never change during a run: embed them once, in fp32 after normalisation
             self.class_emb = model.encode_prompts([c.prompt for c in classes]).float()
@@ -71,15 +72,20 @@ class Predictor:
         zero_shot: Sequence[ClassLike] = (),
         device: str = "auto",
         precision: str = "fp32",
+        compile_model: bool = False,
     ) -> Predictor:
-        """Load and verify an artifact (local or s3://), add zero-shot classes, move it to the device."""
-        target = resolve_device(device)
+        """Load and verify an artifact (local or s3://), add zero-shot classes, move it to the device.
+
+        The device is resolved before anything is read, so 'cuda' on a machine without one fails at once.
+        """
+        target = resolve_device(device) if isinstance(device, str) else device
         model, manifest = load_artifact(artifact, device="cpu")
         classes = merge_classes(manifest.classes, zero_shot)
-        predictor = cls(model, manifest, classes, target, precision)
+        predictor = cls(model, manifest, classes, target, precision, compile_model)
         log.info(
-            "predictor %s %s on %s (%s): %d classes (%d zero-shot)",
-            manifest.name, manifest.version, target, precision, len(classes), len(classes) - len(manifest.classes),
+            "predictor %s %s on %s (%s%s): %d classes (%d zero-shot)", manifest.name, manifest.version, target,
+            predictor.precision, ", compiled" if compile_model else "", len(classes),
+            len(classes) - len(manifest.classes),
         )
         return predictor
 
@@ -113,26 +119,39 @@ class Predictor:
         """Embedding size D."""
         return self.manifest.embed_dim
 
-    def _autocast(self) -> contextlib.AbstractContextManager[object]:
-        """bf16 autocast only on CUDA with precision='bf16'; a no-op otherwise."""
-        if self.device.type == "cuda" and self.precision == "bf16":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def _autocast(self):
+        return autocast(self.device, self.precision)
 
     def predict(self, pixels: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """[N, 3, S, S] float32 -> (probs [N, C] float32 in [0, 1], embeddings [N, D] float32 unit-norm).
-
-        Accepts a torch tensor too (e.g. already on the GPU from a GPU decode path).
-        """
+        """[N, 3, S, S] float32 normalised pixels -> (probs [N, C] float32, embeddings [N, D] float32 unit-norm)."""
         batch = torch.as_tensor(pixels)
         self._check_shape(batch)
         if batch.shape[0] == 0:
             return np.zeros((0, len(self.classes)), np.float32), np.zeros((0, self.embed_dim), np.float32)
-        batch = batch.to(self.device, dtype=torch.float32, non_blocking=True)
-        with torch.inference_mode(), self._autocast():
-            image_emb = self.model.encode_images(batch)
+        batch = batch.to(self.device, dtype=torch.float32)
+        with torch.inference_mode():
+            probs, emb = self._scores(batch)
+        return probs.cpu().numpy(), emb.cpu().numpy()
+
+    def score_uint8(self, nhwc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [N, S, S, 3] on the device -> (probs [N, C], embeddings [N, D]) float32 on the device.
+
+        Normalisation runs on the device with the same float32 operations, in the same order, as
+        core.preprocess.normalise, so CPU results equal the numpy path's exactly.
+        """
+        size = self.spec.size
+        if nhwc.ndim != 4 or tuple(nhwc.shape[1:]) != (size, size, 3) or nhwc.dtype != torch.uint8:
+            raise ValueError(f"pixels must be uint8 [N, {size}, {size}, 3], got {nhwc.dtype} {list(nhwc.shape)}")
+        with torch.inference_mode():
+            # permute gives an NCHW view with channels_last strides: no copy
+            chw = nhwc.permute(0, 3, 1, 2).float().div_(255.0).sub_(self._mean).div_(self._std)
+            return self._scores(chw)
+
+    def _scores(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._autocast():
+            image_emb = self._encode(batch)
             probs = torch.sigmoid(self.model.logits(image_emb, self.class_emb))
-        return probs.float().cpu().numpy(), image_emb.float().cpu().numpy()
+        return probs.float(), image_emb.float()
 
     def _check_shape(self, batch: torch.Tensor) -> None:
         """Fail fast with the expected shape instead of a deep open_clip error."""

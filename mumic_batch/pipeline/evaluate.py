@@ -26,7 +26,7 @@ from mumic_batch.core import status as st
 from mumic_batch.core.report import ClassResult, write_report
 from mumic_batch.io.fetch import Fetcher
 from mumic_batch.model.artifact import ClassEntry
-from mumic_batch.model.engine import InferenceEngine
+from mumic_batch.inference.runner import Runner
 from mumic_batch.model.predictor import Predictor
 from mumic_batch.pipeline.labels import map_class_indices, multi_hot, read_labels
 from mumic_batch.pipeline.runs import RunRecord, recorded
@@ -81,12 +81,12 @@ def _evaluate(spark: SparkSession, cfg: JobCfg, record: RunRecord) -> dict:
 
 def score(predictor: Predictor, frame: pd.DataFrame, cfg: JobCfg) -> tuple[np.ndarray, pd.DataFrame]:
     """Probabilities [N, C] in predictor.classes order (zeros for failed rows) and the engine's status columns."""
-    engine = InferenceEngine(predictor, Fetcher(cfg.fetch), cfg.decode, cfg.infer, cfg.fetch.threads)
+    runner = Runner(predictor, Fetcher(cfg.fetch), cfg.decode, cfg.infer, cfg.fetch.threads)
     chunks = (frame[["image_id", "uri"]].iloc[i:i + _FRAME_ROWS] for i in range(0, len(frame), _FRAME_ROWS))
     try:
-        out = pd.concat(list(engine.run(chunks)), ignore_index=True)
+        out = pd.concat(list(runner.run_pandas(chunks)), ignore_index=True)
     finally:
-        engine.close()
+        runner.close()
     scores = np.zeros((len(out), len(predictor.classes)), dtype=np.float64)
     for i, row in enumerate(out.itertuples(index=False)):
         if row.status == st.OK:

@@ -1,14 +1,15 @@
-"""The tagging pandas UDF: an InferenceEngine per Python worker, applied with mapInPandas."""
+"""The tagging UDF: a Runner per Python worker, applied with mapInArrow (Arrow batches in and out)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import pandas as pd
+import pyarrow as pa
 from pyspark import TaskContext
 from pyspark.sql import DataFrame
 
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 
 _ENGINES: dict[tuple["EngineSpec", str], object] = {}
 _LOCK = threading.Lock()
+_WORKER_INDEX: int | None = None  # set by the first task this Python worker runs
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class EngineSpec:
 
 
 def get_engine(spec: EngineSpec, device: str | None = None):
-    """The worker's engine for `spec` on `device`, built on first use and reused by later tasks and batches."""
+    """The worker's runner for `spec` on `device`, built on first use and reused by later tasks and batches."""
     device = device or spec.infer.device
     with _LOCK:
         engine = _ENGINES.get((spec, device))
@@ -52,32 +54,54 @@ def get_engine(spec: EngineSpec, device: str | None = None):
 
 
 def task_device(configured: str) -> str:
-    """The GPU Spark assigned to this task (spark.task.resource.gpu.amount), else the configured device."""
+    """The GPU Spark assigned to this task (spark.task.resource.gpu.amount), else the configured device.
+
+    Without Spark GPU scheduling, 'auto'/'cuda' become 'auto#N'/'cuda#N': N is this worker's index
+    (the partition of its first task), which spreads the Python workers over the visible GPUs.
+    """
     ctx = TaskContext.get()
     gpus = ctx.resources().get("gpu") if ctx is not None else None
     if configured != "cpu" and gpus is not None and gpus.addresses:
         return f"cuda:{gpus.addresses[0]}"
-    return configured
+    if configured == "cpu" or ctx is None:
+        return configured
+    global _WORKER_INDEX
+    if _WORKER_INDEX is None:
+        _WORKER_INDEX = ctx.partitionId()
+    return f"{configured}#{_WORKER_INDEX}"
+
+
+def _task_cores() -> int:
+    """The CPU cores Spark gave this task (spark.task.cpus), 0 when unknown or just one."""
+    ctx = TaskContext.get()
+    cpus = ctx.cpus() if ctx is not None else 0
+    return cpus if cpus > 1 else 0
 
 
 def _build_engine(spec: EngineSpec, device: str):
     _worker_logging()
     # Imported here so the driver and non-tagging jobs never pay for torch at import time.
+    from mumic_batch.inference.runner import Runner
     from mumic_batch.io.fetch import Fetcher
     from mumic_batch.model.artifact import ClassEntry
-    from mumic_batch.model.engine import InferenceEngine
+    from mumic_batch.model.device import resolve_device
     from mumic_batch.model.predictor import Predictor
 
+    name, _, index = device.partition("#")
+    target = resolve_device(name, int(index) if index else None)
     extras = [ClassEntry(z.name, z.prompt, z.threshold, zero_shot=True) for z in spec.zero_shot]
-    predictor = Predictor.load(spec.artifact, zero_shot=extras, device=device,
-                               precision=spec.infer.precision)
+    predictor = Predictor.load(spec.artifact, zero_shot=extras, device=target, precision=spec.infer.precision,
+                               compile_model=spec.infer.compile)
     if predictor.weights_sha256 != spec.weights_sha256:
         raise RuntimeError(
             f"model artifact {spec.artifact} changed during the run "
             f"(driver saw weights {spec.weights_sha256}, worker loaded {predictor.weights_sha256})"
         )
-    log.info("python worker loaded model %s %s on %s", predictor.model_name, predictor.model_version, device)
-    return InferenceEngine(predictor, Fetcher(spec.fetch), spec.decode, spec.infer, spec.fetch.threads)
+    log.info("python worker loaded model %s %s on %s", predictor.model_name, predictor.model_version, target)
+    infer = spec.infer
+    if not infer.decode_workers and _task_cores():
+        infer = dataclasses.replace(infer, decode_workers=_task_cores())
+    return Runner(predictor, Fetcher(spec.fetch), spec.decode, infer, spec.fetch.threads)
 
 
 def _worker_logging() -> None:
@@ -88,15 +112,15 @@ def _worker_logging() -> None:
                             format="%(asctime)s %(levelname)s %(name)s [pid %(process)d]: %(message)s")
 
 
-def tag_frames(spec: EngineSpec) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
-    """The mapInPandas function: frames of (image_id, uri, source_updated_at) in, UDF_OUTPUT out."""
+def tag_batches(spec: EngineSpec) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """The mapInArrow function: batches of (image_id, uri, source_updated_at) in, UDF_OUTPUT out."""
 
-    def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        yield from get_engine(spec, task_device(spec.infer.device)).run(frames)
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        yield from get_engine(spec, task_device(spec.infer.device)).run(batches)
 
     return run
 
 
 def with_predictions(df: DataFrame, spec: EngineSpec) -> DataFrame:
     """Apply the model to every row of `df` (columns image_id, uri, source_updated_at)."""
-    return df.select("image_id", "uri", "source_updated_at").mapInPandas(tag_frames(spec), UDF_OUTPUT)
+    return df.select("image_id", "uri", "source_updated_at").mapInArrow(tag_batches(spec), UDF_OUTPUT)

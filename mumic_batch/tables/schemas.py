@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pyspark.sql.pandas.types import from_arrow_schema
 from pyspark.sql.types import (
     ArrayType,
     BooleanType,
@@ -16,25 +17,11 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
-# What the tagging UDF returns for each input row (before run-level columns are added).
-UDF_OUTPUT = StructType([
-    StructField("image_id", StringType(), False),
-    StructField("uri", StringType(), True),
-    StructField("source_updated_at", TimestampType(), True),
-    StructField("status", StringType(), False),
-    StructField("error", StringType(), True),
-    StructField("probs", MapType(StringType(), FloatType()), True),
-    StructField("labels", ArrayType(StringType()), True),
-    StructField("zero_shot_probs", MapType(StringType(), FloatType()), True),
-    StructField("zero_shot_labels", ArrayType(StringType()), True),
-    StructField("embedding", ArrayType(FloatType()), True),
-    StructField("content_sha256", StringType(), True),
-    StructField("width", IntegerType(), True),
-    StructField("height", IntegerType(), True),
-    StructField("fetch_ms", DoubleType(), True),
-    StructField("decode_ms", DoubleType(), True),
-    StructField("infer_ms", DoubleType(), True),
-])
+from mumic_batch.inference.outputs import OUTPUT_SCHEMA
+
+# What the tagging UDF returns for each input row (before run-level columns are added): the
+# runner's Arrow schema, the one definition of these columns.
+UDF_OUTPUT = from_arrow_schema(OUTPUT_SCHEMA)
 
 TIMING_COLUMNS = ("fetch_ms", "decode_ms", "infer_ms")
 

@@ -1,0 +1,1 @@
+"""The inference runner: fetch -> decode -> preprocess -> model -> Arrow output, without Spark."""
