@@ -4,9 +4,9 @@
 Measures, in this order, on one generated sample catalogue and one model artifact:
 
 1. model only: Predictor.predict over preprocessed pixel batches already in memory;
-2. decode ceiling: fetch+decode+preprocess alone on the engine's thread pool, and the
-   InferenceEngine with a near-free model (what the engine could do if the model cost nothing);
-3. engine: InferenceEngine over the catalogue URIs (fetch+decode+preprocess+model), no Spark;
+2. decode ceiling: fetch+decode+preprocess alone on the runner's thread pool, and the
+   Runner with a null model (what the runner could do if the model cost nothing);
+3. runner: the inference Runner over the catalogue URIs (fetch+decode+preprocess+model), no Spark;
 4. Spark: `python -m jobs.tag_images --full` in a subprocess into scratch tables, once per
    variant (`baseline` plus any --spark-variant), reporting the job's own images_per_s (scoring
    stage) and the whole-run wall time (interpreter and session start, selection, scoring, MERGE).
@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python bench/throughput.py` puts bench/ first, not the repo root
     sys.path.insert(0, str(REPO))
 
+from bench.machine import cpu_model, ram_gib  # noqa: E402
 from mumic_batch.config import InitModelCfg, JobCfg, SampleCfg, load_config  # noqa: E402
 from mumic_batch.core import status as st  # noqa: E402
 
@@ -158,26 +159,6 @@ def observed(measure: Callable[[], Result], count_cpu: bool = True) -> Result:
 # ------------------------------------------------------------------------------------------ machine
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def ram_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 1024 / 1024, 1)
-    except OSError:
-        pass
-    return None
-
-
 def machine_info(device: str) -> dict[str, Any]:
     import PIL
     import pyspark
@@ -282,32 +263,35 @@ def bench_overrides(args: argparse.Namespace, inputs: Inputs) -> list[str]:
 
 
 class NullPredictor:
-    """The Predictor interface at ~zero model cost: engine throughput is then the decode ceiling."""
+    """The runner's model interface at ~zero model cost: runner throughput is then the decode ceiling."""
 
     def __init__(self, real: Any) -> None:
-        self.classes = real.classes
-        self.spec = real.spec
-        self.embed_dim = real.embed_dim
+        import torch
 
-    def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        n = len(pixels)
-        return np.zeros((n, len(self.classes)), np.float32), np.zeros((n, self.embed_dim), np.float32)
+        self.classes, self.spec, self.embed_dim, self.device = real.classes, real.spec, real.embed_dim, real.device
+        self._probs = torch.zeros((4096, len(self.classes)), device=self.device)
+        self._emb = torch.zeros((4096, self.embed_dim), device=self.device)
+
+    def score_uint8(self, nhwc: Any) -> tuple[Any, Any]:
+        return self._probs[:len(nhwc)], self._emb[:len(nhwc)]
 
 
 def build_engine(predictor: Any, cfg: JobCfg) -> Any:
+    from mumic_batch.inference.runner import Runner
     from mumic_batch.io.fetch import Fetcher
-    from mumic_batch.model.engine import InferenceEngine
 
-    return InferenceEngine(predictor, Fetcher(cfg.fetch), cfg.decode, cfg.infer, cfg.fetch.threads)
+    return Runner(predictor, Fetcher(cfg.fetch), cfg.decode, cfg.infer, cfg.fetch.threads)
 
 
 def load_pixels(engine: Any, uris: list[str]) -> np.ndarray:
-    """Decode and preprocess every image once (on the engine's pool): the model-only input."""
-    prepared = list(engine.pool.map(engine.prepare, uris))
+    """Decode and preprocess every image once (on the runner's pool): the model-only input, normalised float32."""
+    from mumic_batch.core.preprocess import normalise
+
+    prepared = list(engine.pool.map(engine.preparer.prepare, uris))
     bad = [p.status for p in prepared if p.status != st.OK]
     if bad:
         raise RuntimeError(f"{len(bad)} sample images failed to prepare: {sorted(set(bad))}")
-    return np.stack([p.pixels for p in prepared])
+    return np.stack([normalise(p.pixels, engine.model.spec).transpose(2, 0, 1) for p in prepared])
 
 
 def bench_model(predictor: Any, pixels: np.ndarray, batch_size: int, min_seconds: float) -> Result:
@@ -331,10 +315,10 @@ def bench_model(predictor: Any, pixels: np.ndarray, batch_size: int, min_seconds
 
 
 def bench_prepare(engine: Any, uris: list[str], threads: int, min_seconds: float) -> Result:
-    """fetch+decode+preprocess alone on the engine's thread pool: the CPU decode ceiling."""
+    """fetch+decode+resize alone on the runner's thread pool: the CPU decode ceiling."""
 
     def once() -> int:
-        for p in engine.pool.map(engine.prepare, uris):
+        for p in engine.pool.map(engine.preparer.prepare, uris):
             if p.status != st.OK:
                 raise RuntimeError(f"prepare failed: {p.status} {p.error}")
         return len(uris)
@@ -344,27 +328,30 @@ def bench_prepare(engine: Any, uris: list[str], threads: int, min_seconds: float
                   {"passes": passes})
 
 
-def frames_of(catalogue: pd.DataFrame, rows: int) -> Iterator[pd.DataFrame]:
-    """The catalogue in frames of `rows`, with the columns the Spark UDF receives."""
+def frames_of(catalogue: pd.DataFrame, rows: int) -> list[pa.RecordBatch]:
+    """The catalogue in Arrow frames of `rows`, with the columns the Spark UDF receives."""
     frame = catalogue.rename(columns={"updated_at": "source_updated_at"})[["image_id", "uri", "source_updated_at"]]
-    for start in range(0, len(frame), rows):
-        yield frame.iloc[start:start + rows]
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    return table.to_batches(max_chunksize=rows)
 
 
 def bench_engine(name: str, engine: Any, catalogue: pd.DataFrame, rows: int, min_seconds: float) -> Result:
-    """InferenceEngine.run over the catalogue; stage sums come from the output's timing columns."""
+    """Runner.run over the catalogue; stage sums come from the output's timing columns."""
+    import pyarrow.compute as pc
+
     sums = {"fetch_s": 0.0, "decode_preprocess_s": 0.0, "infer_s": 0.0}
     statuses: dict[str, int] = {}
+    frames = frames_of(catalogue, rows)
 
     def once() -> int:
         n = 0
-        for out in engine.run(frames_of(catalogue, rows)):
-            n += len(out)
-            sums["fetch_s"] += out["fetch_ms"].sum() / 1000.0
-            sums["decode_preprocess_s"] += out["decode_ms"].sum() / 1000.0
-            sums["infer_s"] += (out["infer_ms"] * (out["status"] == st.OK)).sum() / 1000.0
-            for key, count in out["status"].value_counts().items():
-                statuses[key] = statuses.get(key, 0) + int(count)
+        for out in engine.run(iter(frames)):
+            n += out.num_rows
+            sums["fetch_s"] += pc.sum(out.column("fetch_ms")).as_py() / 1000.0
+            sums["decode_preprocess_s"] += pc.sum(out.column("decode_ms")).as_py() / 1000.0
+            sums["infer_s"] += (pc.sum(out.column("infer_ms")).as_py() or 0.0) / 1000.0
+            for key, count in zip(*np.unique(out.column("status").to_numpy(zero_copy_only=False), return_counts=True)):
+                statuses[str(key)] = statuses.get(str(key), 0) + int(count)
         return n
 
     images, seconds, passes = timed_passes(once, min_seconds)
@@ -434,9 +421,9 @@ def in_process(args: argparse.Namespace, cfg: JobCfg, inputs: Inputs
         log.info("pixels in memory: %s float32 (%.0f MiB)", list(pixels.shape), pixels.nbytes / 2**20)
         models = best_model(predictor, pixels, cfg.infer.batch_size, args)
         results = [*models, observed(lambda: bench_prepare(engine, uris, cfg.fetch.threads, args.min_seconds))]
-        results.append(observed(lambda: bench_engine("engine, near-free model (decode ceiling)", null_engine,
+        results.append(observed(lambda: bench_engine("runner, null model (decode ceiling)", null_engine,
                                                      inputs.catalogue, rows, args.min_seconds)))
-        results.append(observed(lambda: bench_engine("engine (fetch+decode+preprocess+model)", engine,
+        results.append(observed(lambda: bench_engine("runner (fetch+decode+preprocess+model)", engine,
                                                      inputs.catalogue, rows, args.min_seconds)))
     finally:
         engine.close()
@@ -618,7 +605,7 @@ def breakdown(results: list[Result], model_ips: float) -> list[str]:
     lines = []
     for r in results:
         d = r.detail
-        if r.name.startswith("engine"):
+        if r.name.startswith("runner"):
             lines.append(f"{r.name}: wall {r.seconds:.2f}s over {d['passes']} pass(es); thread-seconds "
                          f"fetch {d['fetch_s']:.2f}, decode+preprocess {d['decode_preprocess_s']:.2f}; "
                          f"model {d['infer_s']:.2f}s (model busy {d['model_busy']:.0%} of wall)")
@@ -640,7 +627,7 @@ def shared_bound(results: list[Result], device: str, cores: int) -> list[str]:
     """What end-to-end can reach at best given the model-only and decode-ceiling rates measured here."""
     model = model_rate(results)
     best = next(r for r in results if r.detail.get("denominator"))
-    decode = next(r for r in results if r.name.startswith("engine, near-free"))
+    decode = next(r for r in results if r.name.startswith("runner, null model"))
     if not device.startswith("cpu"):
         return [bound_line("bound (model on the accelerator, decode on the CPU: min(model, decode))",
                            min(model, decode.ips), model)]

@@ -28,7 +28,7 @@ class SparkCfg:
     packages: tuple[str, ...] = ()  # extra Maven coordinates (e.g. hadoop-aws for s3a tables)
     driver_memory: str = "4g"  # spark.driver.memory for local runs
     shuffle_partitions: int = 4  # spark.sql.shuffle.partitions
-    arrow_batch_rows: int = 64  # rows per Arrow batch sent to the pandas UDF (memory bound)
+    arrow_batch_rows: int = 256  # rows per Arrow frame sent to the tagging UDF (ids and URIs; model batches do not depend on it)
     arrow_batch_bytes: int = 16_000_000  # bytes per Arrow batch, whichever limit is hit first
     conf: dict[str, str] = field(default_factory=dict)  # any other Spark settings, verbatim
 

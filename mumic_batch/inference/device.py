@@ -46,17 +46,19 @@ class Scored:
 
     probs: torch.Tensor  # host [n, C]
     emb: torch.Tensor  # host [n, D]
-    done: torch.cuda.Event | None
     order: list[int]  # batch position -> index into the rows given to submit
     failed: dict[int, st.ImageError]  # index into the rows -> why its device decode and CPU fallback failed
-    started: float
+    cpu_ms: float  # on the CPU: the batch's compute time
+    events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # on CUDA: (started, done) on the stream
 
     def result(self) -> tuple[np.ndarray, np.ndarray, float]:
-        """(probs [n, C], emb [n, D]) in the order of the rows given to submit (failed rows left out), and ms."""
-        if self.done is not None:
-            self.done.synchronize()
+        """(probs [n, C], emb [n, D]) in the order of the rows given to submit (failed rows left out), and the
+        batch's device time in ms (decode on the device, normalisation, model, copy back)."""
+        ms = self.cpu_ms
+        if self.events is not None:
+            self.events[1].synchronize()
+            ms = self.events[0].elapsed_time(self.events[1])
         inverse = np.argsort(np.asarray(self.order, dtype=np.int64), kind="stable")
-        ms = (time.perf_counter() - self.started) * 1000.0
         return self.probs.numpy()[inverse].copy(), self.emb.numpy()[inverse].copy(), ms
 
 
@@ -85,6 +87,9 @@ class DeviceFeeder:
         """Row i is pixels[i] (uint8 [S, S, 3]) or jpegs[i] (bytes for the device decoder)."""
         started = time.perf_counter()
         slot = self._next_slot()
+        events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if self.cuda else None
+        if events:
+            events[0].record()
         on_device, failed, host_rows = self._decode_jpegs(pixels, jpegs)
         host = self._inputs[slot]
         host_np = host.numpy()
@@ -100,12 +105,10 @@ class DeviceFeeder:
             dev_probs, dev_emb = self.model.score_uint8(batch)
             probs.copy_(dev_probs, non_blocking=self.cuda)
             emb.copy_(dev_emb, non_blocking=self.cuda)
-        done = None
-        if self.cuda:
-            done = torch.cuda.Event()
-            done.record()
-            self._slot_free[slot] = done
-        return Scored(probs, emb, done, order, failed, started)
+        if events:
+            events[1].record()
+            self._slot_free[slot] = events[1]
+        return Scored(probs, emb, order, failed, (time.perf_counter() - started) * 1000.0, events)
 
     def _next_slot(self) -> int:
         """A host slot whose previous batch has finished with its buffers."""

@@ -67,6 +67,7 @@ class OutputBuilder:
     def build(self, frame: pa.RecordBatch, meta: RowMeta, ok: np.ndarray, probs: np.ndarray,
               emb: np.ndarray) -> pa.RecordBatch:
         """`frame` holds INPUT_COLUMNS; probs [n_ok, C] and emb [n_ok, D] are the ok rows' results, in row order."""
+        failed = pa.array(~ok)
         updated = frame.column("source_updated_at") if "source_updated_at" in frame.schema.names else None
         columns = [
             frame.column("image_id").cast(pa.string()),
@@ -74,11 +75,9 @@ class OutputBuilder:
             pa.nulls(frame.num_rows, TIMESTAMP) if updated is None else updated.cast(TIMESTAMP),
             pa.array(meta.status, pa.string()),
             pa.array(meta.error, pa.string()),
-            self._trained.probs(ok, probs),
-            self._trained.labels(ok, probs),
-            self._zero.probs(ok, probs),
-            self._zero.labels(ok, probs),
-            _embedding(ok, emb),
+            *self._trained.columns(ok, failed, probs),
+            *self._zero.columns(ok, failed, probs),
+            _embedding(ok, failed, emb),
             pa.array(meta.content_sha256, pa.string()),
             pa.array(meta.width, pa.int32(), mask=~ok),
             pa.array(meta.height, pa.int32(), mask=~ok),
@@ -94,26 +93,37 @@ class _ClassGroup:
 
     def __init__(self, names: Sequence[str], thresholds: np.ndarray, idx: np.ndarray) -> None:
         self.idx = idx
+        contiguous = idx.size > 0 and np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size))
+        # The usual layout (trained classes, then zero-shot extras) needs no gather, only a view.
+        self.cols = slice(int(idx[0]), int(idx[0]) + idx.size) if contiguous else idx
         self.names = pa.array([names[j] for j in idx], pa.string())
         self.thresholds = np.asarray(thresholds, dtype=np.float32)[idx]
+        self._keys = pa.array([], pa.string())  # names repeated for as many rows as seen so far
 
-    def probs(self, ok: np.ndarray, probs: np.ndarray) -> pa.Array:
-        n_ok, width = int(ok.sum()), len(self.idx)
-        keys = self.names.take(pa.array(np.tile(np.arange(width, dtype=np.int32), n_ok)))
-        items = pa.array(np.ascontiguousarray(probs[:, self.idx], dtype=np.float32).ravel())
-        return pa.MapArray.from_arrays(_offsets(ok, np.full(n_ok, width)), keys, items, mask=pa.array(~ok))
+    def columns(self, ok: np.ndarray, failed: pa.Array, probs: np.ndarray) -> tuple[pa.Array, pa.Array]:
+        """(map of class -> probability, list of labels at or above their thresholds) for every row."""
+        mine = probs[:, self.cols]
+        n_ok, width = mine.shape
+        items = pa.array(np.ascontiguousarray(mine, dtype=np.float32).reshape(-1))
+        prob_map = pa.MapArray.from_arrays(_offsets(ok, np.full(n_ok, width)), self._keys_for(n_ok), items,
+                                           mask=failed)
+        above = mine >= self.thresholds
+        _, cols = np.nonzero(above)  # row-major: each row's labels in class order
+        values = self.names.take(cols.astype(np.int32))
+        labels = pa.ListArray.from_arrays(_offsets(ok, above.sum(axis=1)), values, mask=failed)
+        return prob_map, labels
 
-    def labels(self, ok: np.ndarray, probs: np.ndarray) -> pa.Array:
-        above = probs[:, self.idx] >= self.thresholds
-        rows, cols = np.nonzero(above)  # row-major: each row's labels in class order
-        values = self.names.take(pa.array(cols.astype(np.int32)))
-        return pa.ListArray.from_arrays(_offsets(ok, above.sum(axis=1)), values, mask=pa.array(~ok))
+    def _keys_for(self, rows: int) -> pa.Array:
+        needed = rows * len(self.idx)
+        if len(self._keys) < needed:
+            self._keys = self.names.take(np.tile(np.arange(len(self.idx), dtype=np.int32), max(rows, 256)))
+        return self._keys.slice(0, needed)
 
 
-def _embedding(ok: np.ndarray, emb: np.ndarray) -> pa.Array:
+def _embedding(ok: np.ndarray, failed: pa.Array, emb: np.ndarray) -> pa.Array:
     n_ok, dim = emb.shape
-    values = pa.array(np.ascontiguousarray(emb, dtype=np.float32).ravel())
-    return pa.ListArray.from_arrays(_offsets(ok, np.full(n_ok, dim)), values, mask=pa.array(~ok))
+    values = pa.array(np.ascontiguousarray(emb, dtype=np.float32).reshape(-1))
+    return pa.ListArray.from_arrays(_offsets(ok, np.full(n_ok, dim)), values, mask=failed)
 
 
 def _offsets(ok: np.ndarray, lengths_of_ok: np.ndarray) -> pa.Array:
