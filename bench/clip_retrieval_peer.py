@@ -36,6 +36,7 @@ Logs go to stderr; a table goes to stdout and the last stdout line is the result
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import importlib.metadata as md
 import json
@@ -208,13 +209,15 @@ def peer_version(peer_python: str) -> str:
 
 def measure(images_dir: str | os.PathLike[str], artifact: str | os.PathLike[str],
             peer_python: str | os.PathLike[str] = DEFAULT_PEER_PYTHON, batch_size: int = 64, num_workers: int = 2,
-            work_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+            work_dir: str | os.PathLike[str] | None = None, verify: bool = True) -> dict[str, Any]:
     """Run clip-retrieval inference once on images_dir with the artifact's backbone; throughput as a dict.
 
     Keys: images, wall_s, images_per_s (end to end, whole command), steady_images_per_s (clip-retrieval's
     own stats: first batch request to last batch written; None if the stats file is missing),
     batch_size, num_workers, peer_version, plus model_images_per_s (summed inference_duration only),
-    startup_s (wall_s minus the steady loop), stage sums, arch, invocation, device, preprocess_note.
+    startup_s (wall_s minus the steady loop), warmup_s (all_clip's warm-up inside startup_s), stage sums, arch,
+    invocation, device, preprocess_note and, with verify (after the timed run, not timed), min_cosine_vs_ours:
+    the peer's embeddings of 4 images against our backbone's on the same pixels.
     """
     images_dir = Path(images_dir).resolve()
     peer_python = str(peer_python)
@@ -244,11 +247,53 @@ def measure(images_dir: str | os.PathLike[str], artifact: str | os.PathLike[str]
         result = _collect(output, n, wall)
         result.update(batch_size=batch_size, num_workers=num_workers, peer_version=version, arch=info["arch"],
                       manifest_arch=info["manifest_arch"], invocation=invocation, device=_peer_device(peer_log),
-                      preprocess_note=info["preprocess_note"], command=cmd, log=str(log_file))
+                      preprocess_note=info["preprocess_note"], warmup_s=_warmup_s(peer_log), command=cmd,
+                      log=str(log_file))
+        if verify:
+            result["min_cosine_vs_ours"] = verify_embeddings(str(artifact), output)
+            log.info("peer embeddings vs our backbone on the same pixels: min cosine %.5f",
+                     result["min_cosine_vs_ours"])
         return result
     finally:
         if own_tmp:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _warmup_s(peer_log: str) -> float | None:
+    for line in peer_log.splitlines():  # all_clip: "done warming up in Xs" (2 x encode_image+encode_text of a batch)
+        if line.startswith("done warming up in "):
+            try:
+                return round(float(line[len("done warming up in "):].rstrip("s")), 2)
+            except ValueError:
+                return None
+    return None
+
+
+def verify_embeddings(artifact: str, output: Path, k: int = 4) -> float:
+    """Min cosine between the peer's stored (fp16) embeddings of k images and our backbone's on the same pixels.
+
+    The pixels use the peer's preprocessing (open_clip's transform for the checkpoint's config), so a value near
+    1 shows the peer ran exactly our weights.
+    """
+    import numpy as np
+    import open_clip
+    import pyarrow.parquet as pq
+    import torch
+    from PIL import Image
+
+    from mumic_batch.model.artifact import load_artifact
+
+    paths = pq.read_table(sorted((output / "metadata").glob("*.parquet"))[0]).column("image_path").to_pylist()[:k]
+    peer = np.load(sorted((output / "img_emb").glob("img_emb_*.npy"))[0])[: len(paths)].astype(np.float32)
+    model, _ = load_artifact(artifact)
+    backbone = model.backbone.eval()
+    cfg = dataclasses.replace(open_clip.transform.PreprocessCfg(), size=backbone.visual.image_size)
+    transform = open_clip.transform.image_transform_v2(cfg, is_train=False)
+    with torch.no_grad():
+        ours = backbone.encode_image(torch.stack([transform(Image.open(p)) for p in paths])).float()
+    ours = torch.nn.functional.normalize(ours, dim=-1).numpy()
+    cos = (ours * peer).sum(-1) / np.linalg.norm(peer, axis=-1)
+    return round(float(cos.min()), 5)
 
 
 def _peer_device(peer_log: str) -> str | None:
@@ -316,7 +361,10 @@ def table(r: dict[str, Any], m: dict[str, Any]) -> str:
         f"{rate(r['model_images_per_s'])}",
         f"{'  of which waiting for batches (read_duration)':<52} {r['read_s']:>9.2f}",
         f"{'fixed costs (whole command - steady loop)':<52} {r['startup_s'] or float('nan'):>9.2f}",
+        f"{'  of which all_clip warm-up (2 x encode of 1 batch)':<52} {r['warmup_s'] or float('nan'):>9.2f}",
     ]
+    if r.get("min_cosine_vs_ours") is not None:
+        lines.append(f"check: peer embeddings vs our backbone on the same pixels, min cosine {r['min_cosine_vs_ours']}")
     if r.get("preprocess_note"):
         lines.append(f"note: peer preprocessing differs from the artifact's: {r['preprocess_note']}")
     return "\n".join(lines)
@@ -335,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", help="checkpoint, peer outputs and log (default: a temporary dir, removed)")
     p.add_argument("--setup", action="store_true",
                    help="create the peer venv next to --peer-python (../..) first; alone, set up and exit")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip comparing the peer's embeddings of 4 images with our backbone's (untimed check)")
     p.add_argument("--print-setup", action="store_true", help="print the setup command sequence and exit")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -349,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.images_dir and args.artifact):
         p.error("--images-dir and --artifact are required (unless --setup / --print-setup alone)")
     result = measure(args.images_dir, args.artifact, args.peer_python, args.batch_size, args.num_workers,
-                     args.work_dir)
+                     args.work_dir, verify=not args.no_verify)
     m = machine()
     print(table(result, m))
     keys = ("images", "wall_s", "images_per_s", "steady_images_per_s", "batch_size", "num_workers", "peer_version")

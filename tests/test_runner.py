@@ -300,3 +300,13 @@ def test_gpu_runner_bf16_matches_cpu(tiny_artifact, hostile_images):
     for a, b in zip(out["cpu"], out["gpu"]):
         assert a["status"] == b["status"]
         assert float(np.dot(a["embedding"], b["embedding"])) > 0.98
+
+
+def test_device_names_are_checked_and_workers_spread_over_gpus():
+    from mumic_batch.model.device import resolve_device, spread_index
+
+    assert resolve_device("cpu", 3) == torch.device("cpu")
+    with pytest.raises(ValueError, match="device must be one of"):
+        resolve_device("tpu")
+    assert [spread_index(w, 4) for w in range(6)] == [0, 1, 2, 3, 0, 1]
+    assert spread_index(5, 0) == 0

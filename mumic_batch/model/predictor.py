@@ -60,7 +60,8 @@ class Predictor:
         self.spec: PreprocessSpec = manifest.preprocess_spec
         self._mean = torch.tensor(self.spec.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.spec.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        self._encode = torch.compile(self.model.encode_images, dynamic=False) if compile_model else self.model.encode_images
+        # default dynamic shapes: the last, partial batch of a task must not trigger a recompile per size
+        self._encode = torch.compile(self.model.encode_images) if compile_model else self.model.encode_images
         with torch.inference_mode(), self._autocast():
             # prompts never change during a run: embed them once, in fp32 after normalisation
             self.class_emb = model.encode_prompts([c.prompt for c in classes]).float()
