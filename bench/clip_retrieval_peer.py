@@ -243,7 +243,8 @@ def measure(images_dir: str | os.PathLike[str], artifact: str | os.PathLike[str]
         wall = time.perf_counter() - started
         peer_log = log_file.read_text(errors="replace")
         if proc.returncode != 0:
-            raise RuntimeError(f"clip-retrieval inference exited {proc.returncode}; log {log_file}:\n{peer_log[-4000:]}")
+            raise RuntimeError(
+                f"clip-retrieval inference exited {proc.returncode}; log {log_file}:\n{peer_log[-4000:]}")
         result = _collect(output, n, wall)
         result.update(batch_size=batch_size, num_workers=num_workers, peer_version=version, arch=info["arch"],
                       manifest_arch=info["manifest_arch"], invocation=invocation, device=_peer_device(peer_log),
@@ -325,8 +326,10 @@ def _collect(output: Path, n: int, wall: float) -> dict[str, Any]:
         "images": n, "wall_s": round(wall, 2), "images_per_s": round(n / wall, 2), "steady_images_per_s": steady,
         "model_images_per_s": model, "startup_s": round(wall - loop, 2) if loop else None,
         "loop_s": round(loop, 2) if loop else None,
-        "read_s": round(stats.get("read_duration", 0.0), 2), "inference_s": round(stats.get("inference_duration", 0.0), 2),
-        "write_s": round(stats.get("write_duration", 0.0), 2), "embedding_dim": int(np.load(embs[0], mmap_mode="r").shape[1]),
+        "read_s": round(stats.get("read_duration", 0.0), 2),
+        "inference_s": round(stats.get("inference_duration", 0.0), 2),
+        "write_s": round(stats.get("write_duration", 0.0), 2),
+        "embedding_dim": int(np.load(embs[0], mmap_mode="r").shape[1]),
     }
 
 
@@ -334,16 +337,10 @@ def _collect(output: Path, n: int, wall: float) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": cores, "load_1m": round(os.getloadavg()[0], 2), "python": platform.python_version()}
+    from bench.machine import cpu_model
+
+    return {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "load_1m": round(os.getloadavg()[0], 2),
+            "python": platform.python_version()}
 
 
 def table(r: dict[str, Any], m: dict[str, Any]) -> str:

@@ -92,6 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--marginal-images", type=int, default=0,
                    help="also run the baseline job on the first K images; the difference of the two runs is "
                         "Spark's marginal rate without per-run fixed costs (needs a quiet machine; default 0: off)")
+    p.add_argument("--clip-retrieval", metavar="PEER_PYTHON", nargs="?", const="/work/cr-venv/bin/python",
+                   help="also run clip-retrieval's inference on the same images and weights with this Python "
+                        "(bench/clip_retrieval_peer.py --setup makes one; default path /work/cr-venv/bin/python)")
     p.add_argument("--work-dir", help="scratch directory (default: a new temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -664,6 +667,11 @@ def gate(results: list[Result], model_ips: float) -> dict[str, Any]:
             verdict["marginal_ratio"] = round(value, 3)
             verdict["marginal_holds"] = value >= GATE_RATIO if resolved else None
             verdict["fixed_s"] = r.detail["fixed_s"] if resolved else None
+    peer = next((r for r in results if r.name.startswith("clip-retrieval inference, whole")), None)
+    if peer is not None:
+        job = base.images / base.detail["total_wall_s"]
+        verdict.update(peer_whole_ips=round(peer.ips, 2), job_whole_ips=round(job, 2),
+                       job_vs_peer=round(ratio(job, peer.ips), 3), beats_peer=job >= peer.ips)
     return verdict
 
 
@@ -697,6 +705,10 @@ def print_report(machine: dict[str, Any], settings: dict[str, Any], results: lis
               f"{verdict['scoring_ratio']:.1%} -> {'HOLDS' if verdict['scoring_holds'] else 'FAILS'}; "
               f"whole-job wall {verdict['wall_ratio']:.1%} -> {'HOLDS' if verdict['wall_holds'] else 'FAILS'}"
               + marginal_text(verdict))
+    if "beats_peer" in verdict:
+        print(f"whole job {verdict['job_whole_ips']} images/s vs clip-retrieval's whole command "
+              f"{verdict['peer_whole_ips']} images/s: {verdict['job_vs_peer']:.2f}x -> "
+              f"{'AT LEAST THE PEER' if verdict['beats_peer'] else 'SLOWER THAN THE PEER'}")
     return verdict
 
 
@@ -758,6 +770,23 @@ def spark_variants(args: argparse.Namespace, inputs: Inputs) -> list[tuple[str, 
     return runs + [parse_variant(v) for v in args.spark_variant]
 
 
+def clip_retrieval(args: argparse.Namespace, inputs: Inputs) -> list[Result]:
+    """The peer on the same images and weights: its whole command, and its steady loop (its own stats)."""
+    from bench.clip_retrieval_peer import measure
+
+    r = measure(inputs.image_dir, inputs.artifact, args.clip_retrieval, batch_size=args.batch_size or 32,
+                num_workers=spark_cores(load_config(args.config, args.overrides).spark.master),
+                work_dir=inputs.work / "clip-retrieval")
+    detail = {"load_1m": round(os.getloadavg()[0], 2), "peer_version": r["peer_version"],
+              "min_cosine_vs_ours": r.get("min_cosine_vs_ours"), "peer_batch_size": r["batch_size"],
+              "peer_num_workers": r["num_workers"]}
+    results = [Result("clip-retrieval inference, whole command (peer)", r["images"], r["wall_s"], dict(detail))]
+    if r.get("steady_images_per_s"):
+        results.append(Result("clip-retrieval inference, steady loop (peer)", r["images"],
+                              r["images"] / r["steady_images_per_s"], dict(detail)))
+    return results
+
+
 def marginal(results: list[Result]) -> list[Result]:
     """Baseline minus its small twin: images/s of the extra images, i.e. without per-run fixed costs."""
     runs = {r.name: r for r in results}
@@ -783,6 +812,8 @@ def run(args: argparse.Namespace, work: Path) -> int:
                     for name, extra in spark_variants(args, inputs)]
         results += marginal(results)
         results.append(again())
+    if args.clip_retrieval:
+        results += clip_retrieval(args, inputs)
     machine = machine_info(measured["device"])
     settings = settings_of(args, cfg, measured)
     verdict = print_report(machine, settings, results)
