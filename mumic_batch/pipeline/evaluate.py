@@ -1,4 +1,4 @@
-"""Evaluation job: score a labels split with the tagging job's inference engine, write metrics and a report.
+"""Evaluation job: score a labels split with the tagging job's inference runner, write metrics and a report.
 
 Headline numbers are over the model's own classes (its manifest): GAP, GAP@k and macro mAP over a class
 subset (evaluate.map_classes, or the evaluate.majority classes with the most positives in the split).
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 JOB = "evaluate"
 
-_FRAME_ROWS = 256  # rows handed to the engine at a time: it prepares one frame while scoring the previous
+_FRAME_ROWS = 256  # rows handed to the runner at a time, as a Spark Arrow frame would be
 
 
 def run(spark: SparkSession, cfg: JobCfg) -> dict:
@@ -80,7 +80,7 @@ def _evaluate(spark: SparkSession, cfg: JobCfg, record: RunRecord) -> dict:
 
 
 def score(predictor: Predictor, frame: pd.DataFrame, cfg: JobCfg) -> tuple[np.ndarray, pd.DataFrame]:
-    """Probabilities [N, C] in predictor.classes order (zeros for failed rows) and the engine's status columns."""
+    """Probabilities [N, C] in predictor.classes order (zeros for failed rows) and the runner's status columns."""
     runner = Runner(predictor, Fetcher(cfg.fetch), cfg.decode, cfg.infer, cfg.fetch.threads)
     chunks = (frame[["image_id", "uri"]].iloc[i:i + _FRAME_ROWS] for i in range(0, len(frame), _FRAME_ROWS))
     try:
