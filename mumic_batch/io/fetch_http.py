@@ -329,6 +329,9 @@ class HttpReader:
             if not chunk:
                 if resp.length:  # read1 reports a body cut short only as end of data
                     raise http.client.IncompleteRead(bytes(body), resp.length)
+                # read1 leaves a body that ended at its Content-Length open, and http.client
+                # sends nothing more on the connection until the response is closed.
+                resp.close()
                 return bytes(body)
             body += chunk
             if len(body) > self._cfg.max_bytes:
