@@ -269,6 +269,29 @@ def test_oversized_bodies_are_cut_at_max_bytes(make_fetcher: Callable[..., Fetch
     assert (err.status, err.attempts, http_server.hits(url) - before) == (status.TOO_LARGE, 1, 1)
 
 
+def test_watchdog_wakes_for_an_earlier_deadline() -> None:
+    # It sleeps until the earliest end it knows and is woken only by an earlier one: a socket
+    # registered later with a nearer deadline must still be shut down at that deadline.
+    import socket
+
+    from mumic_batch.io.watchdog import Watchdog
+
+    watchdog = Watchdog()
+    far, near = socket.socketpair(), socket.socketpair()
+    try:
+        late = watchdog.watch(far[0], time.monotonic() + 60)
+        time.sleep(0.2)  # let the thread start its 60 s sleep (if it has not, the test is merely easier)
+        soon = watchdog.watch(near[0], time.monotonic() + 0.2)
+        near[0].settimeout(10)  # only a missed wake-up would get this far
+        assert near[0].recv(1) == b""  # shut down: end of data, not a timeout
+        assert soon.fired and not late.fired
+        watchdog.release(late)
+    finally:
+        watchdog.close()
+        for sock in (*far, *near):
+            sock.close()
+
+
 def test_body_longer_than_content_length_is_never_read(make_fetcher: Callable[..., Fetcher],
                                                        http_server: HttpServer) -> None:
     data = make_fetcher().fetch(http_server.url("/lying-length?claim=1000&size=5000000"))
