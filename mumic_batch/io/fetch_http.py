@@ -179,7 +179,7 @@ def _close_all(conns: list[_PinnedConnection]) -> None:
 
 
 class HttpReader:
-    """Reads http(s) URLs under FetchCfg's limits; thread-safe (no shared mutable state)."""
+    """Reads http(s) URLs under FetchCfg's limits; thread-safe (the only shared state is the locked pool)."""
 
     def __init__(self, cfg: FetchCfg, networks: tuple[IPNetwork, ...], watchdog: Watchdog,
                  resolver: Resolver | None = None) -> None:
