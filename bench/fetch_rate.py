@@ -6,9 +6,12 @@ JPEGs, each answer delayed 20-50 ms like a CDN. The same `Fetcher` fetches them 
 TLS handshake per image) and with the default pool, side by side at several thread counts,
 alternating the two paths in every round. It prints images/s and the CPU seconds this process
 (the fetch client) and the server process spent per 1,000 images, plus the machine and its load.
+Unpaced cells fetch as fast as the threads allow (pooling also saves the handshake round trips,
+so it is faster too); paced cells (`--paced`) start requests at one fixed rate on both paths, to
+compare CPU per image at the same throughput.
 
-    .venv/bin/python bench/fetch_rate.py                       # threads 4 16 32, 600 images a cell
-    .venv/bin/python bench/fetch_rate.py --threads 8 --images 2000 --rounds 3
+    .venv/bin/python bench/fetch_rate.py                  # threads 4 16 32 + paced 150/s, 600 images a cell
+    .venv/bin/python bench/fetch_rate.py --threads 8 --images 2000 --rounds 3 --paced 100 200
 
 Needs the test extras (`cryptography` for the throwaway CA). Results: docs/benchmarks.md.
 """
@@ -111,6 +114,7 @@ def process_cpu_s(pid: int) -> float:
 class Cell:
     path: str
     threads: int
+    paced: float = 0.0  # requests started per second; 0: as fast as the threads go
     images: int = 0
     wall_s: float = 0.0
     cpu_s: float = 0.0
@@ -132,15 +136,17 @@ def measure(cell: Cell, cfg: FetchCfg, port: int, n: int, server_pid: int, start
     fetcher = Fetcher(cfg, resolver=lambda host, p: ["127.0.0.1"])
     failed = [0]
 
-    def one(url: str) -> None:
+    def one(i: int) -> None:
+        if cell.paced:
+            time.sleep(max(0.0, wall + i / cell.paced - time.perf_counter()))
         try:
-            fetcher.fetch(url)
+            fetcher.fetch(urls[i])
         except Exception:  # noqa: BLE001 - counted and printed, a failure must not stop the bench
             failed[0] += 1
 
     server_cpu, cpu, wall = process_cpu_s(server_pid), time.process_time(), time.perf_counter()
     with ThreadPoolExecutor(cell.threads) as pool:
-        list(pool.map(one, urls))
+        list(pool.map(one, range(n)))
     fetcher.close()
     cell.wall_s += time.perf_counter() - wall
     cell.cpu_s += time.process_time() - cpu
@@ -169,19 +175,20 @@ def report(cells: list[Cell], args: argparse.Namespace, load_before: float) -> N
           f"per answer; {args.sample} sample JPEGs 640x480; {args.images} images per cell and round, "
           f"{args.rounds} round(s); load average before: {load_before:.2f}")
     print()
-    head = ("threads", "path", "images", "failed", "images/s", "client CPU s/1000", "server CPU s/1000",
-            "client cores", "load (1 min)")
+    head = ("threads", "paced at", "path", "images", "failed", "images/s", "client CPU s/1000",
+            "server CPU s/1000", "client cores", "load (1 min)")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for c in cells:
         loads = f"{min(c.loads):.1f}-{max(c.loads):.1f}"
-        print(f"| {c.threads} | {c.path} | {c.images} | {c.failed} | {c.rate:.0f} | {c.per_1000(c.cpu_s):.2f} | "
-              f"{c.per_1000(c.server_cpu_s):.2f} | {c.cpu_s / c.wall_s:.2f} | {loads} |")
+        paced = f"{c.paced:g}/s" if c.paced else "-"
+        print(f"| {c.threads} | {paced} | {c.path} | {c.images} | {c.failed} | {c.rate:.0f} | "
+              f"{c.per_1000(c.cpu_s):.2f} | {c.per_1000(c.server_cpu_s):.2f} | {c.cpu_s / c.wall_s:.2f} | {loads} |")
     print()
-    for threads in args.threads:
-        old, pooled = (next(c for c in cells if c.threads == threads and c.path == p) for p in ("old", "pooled"))
-        print(f"threads {threads}: pooled/old client CPU per image {pooled.per_1000(pooled.cpu_s) / old.per_1000(old.cpu_s):.2f}, "
-              f"images/s {pooled.rate / old.rate:.2f}x")
+    for old, pooled in zip(cells[::2], cells[1::2]):
+        label = f"threads {old.threads}" + (f", paced at {old.paced:g}/s" if old.paced else "")
+        print(f"{label}: pooled/old client CPU per image "
+              f"{pooled.per_1000(pooled.cpu_s) / old.per_1000(old.cpu_s):.2f}, images/s {pooled.rate / old.rate:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="rounds; each runs old then pooled per thread count")
     p.add_argument("--sample", type=int, default=64, help="distinct sample JPEGs served (default 64)")
     p.add_argument("--latency-ms", type=float, nargs=2, default=[20.0, 50.0], help="server delay range (ms)")
+    p.add_argument("--paced", type=float, nargs="*", default=[150.0],
+                   help="also run both paths starting requests at these rates (images/s; default 150)")
+    p.add_argument("--paced-threads", type=int, default=16, help="threads of the paced cells (default 16)")
     args = p.parse_args(argv)
 
     from tests.fixtures.net import make_tls_files  # the tests' throwaway CA (needs cryptography)
@@ -208,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             port = ports.get(timeout=60)
             cells = [Cell(path, t) for t in args.threads for path in PATHS]
+            cells += [Cell(path, args.paced_threads, rate) for rate in args.paced for path in PATHS]
             base = dict(allowed_networks=("127.0.0.1/32",), ca_bundle=str(ca_file))
             index = 0
             for _ in range(args.rounds):
