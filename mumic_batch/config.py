@@ -89,6 +89,8 @@ class FetchCfg:
     s3_expected_bucket_owner: str = ""  # AWS account id sent as ExpectedBucketOwner (empty: not checked)
     ca_bundle: str = ""  # PEM file of CA certificates for https (empty: the system store)
     user_agent: str = "mumic-batch/0.1"  # User-Agent header sent with http(s) requests
+    pool_connections: int = 32  # idle keep-alive http(s) connections kept per Fetcher, all hosts (0: no reuse)
+    pool_idle_s: float = 15.0  # a pooled connection idle for longer is closed, not reused
 
     def __post_init__(self) -> None:
         import ipaddress  # local: only this validation needs it
@@ -101,6 +103,8 @@ class FetchCfg:
         _require(self.read_timeout_s > 0, "fetch.read_timeout_s", "must be > 0")
         _require(self.backoff_s >= 0, "fetch.backoff_s", "must be >= 0")
         _require(self.max_redirects >= 0, "fetch.max_redirects", "must be >= 0")
+        _require(self.pool_connections >= 0, "fetch.pool_connections", "must be >= 0")
+        _require(self.pool_idle_s > 0, "fetch.pool_idle_s", "must be > 0")
         supported = ("file", "s3", "http", "https")  # what mumic_batch.io.fetch can read
         unknown = sorted(set(self.allowed_schemes) - set(supported))
         _require(not unknown, "fetch.allowed_schemes", f"has unsupported {unknown}; supported: {supported}")

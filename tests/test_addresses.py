@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 import pytest
 
@@ -153,3 +154,34 @@ def test_dns_failure_is_a_fetch_error() -> None:
     with pytest.raises(status.ImageError) as info:
         resolve_destination("nowhere.test", 80, (), (), failing)
     assert info.value.status == status.FETCH_ERROR
+
+
+def _libc_numeric(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """What getaddrinfo makes of a numeric spelling without asking DNS (None: it would ask DNS)."""
+    try:
+        infos = socket.getaddrinfo(host, 80, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except (OSError, UnicodeError):
+        return None
+    return ipaddress.ip_address(infos[0][4][0])
+
+
+@pytest.mark.parametrize("host", ["2130706433", "0x7f.1", "0x7f000001", "0177.0.0.1", "0177.0.0.01", "127.1",
+                                  "127.0.1", "169.254.43518", "0xa9fea9fe", "0", "2130706434", "0x7f.2",
+                                  "::ffff:127.0.0.1", "fd00:ec2::254"])
+def test_parser_agrees_with_the_resolver_on_valid_spellings(host: str) -> None:
+    assert parse_ip_literal(host) == _libc_numeric(host)
+
+
+@pytest.mark.parametrize(("host", "verdict"), [("256.0.0.1", None), ("256.1.1.1", None), ("1.2.3.4.5", None),
+                                               ("0x1g.1", None), ("09.1.1.1", None), ("1..1", None),
+                                               ("10.0.0.1.", "10.0.0.1")])
+def test_parser_is_why_malformed_numbers_never_reach_dns(host: str, verdict: str | None) -> None:
+    # getaddrinfo takes these for names and would send them to DNS (fetch_error, or whatever a
+    # resolver answers); the parser settles them first: bad_uri (None here), or the address.
+    assert _libc_numeric(host) is None
+    if verdict is not None:
+        assert parse_ip_literal(host) == ipaddress.ip_address(verdict)
+        return
+    with pytest.raises(status.ImageError) as info:
+        parse_ip_literal(host)
+    assert info.value.status == status.BAD_URI

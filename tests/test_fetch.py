@@ -6,12 +6,10 @@ the test, so a broken SSRF check can never reach a metadata service or the netwo
 
 from __future__ import annotations
 
-import datetime
 import errno
 import ipaddress
 import json
 import os
-import ssl
 import threading
 import time
 import uuid
@@ -28,7 +26,8 @@ from mumic_batch.core import status
 from mumic_batch.core.decode import decode_image
 from mumic_batch.io import fetch_http
 from mumic_batch.io.fetch import Fetcher, FetchError
-from tests.fixtures.net import Canary, HttpServer, S3Server, _Handler, _Server, free_port, make_jpeg
+from tests.fixtures.net import (Canary, HttpServer, S3Server, _Handler, _Server, free_port, make_jpeg,
+                                make_tls_files, start_server)
 
 LOOPBACK_NET = ipaddress.ip_network("127.0.0.0/8")
 FAST = dict(connect_timeout_s=1.0, read_timeout_s=0.5, deadline_s=3.0, backoff_s=0.01, max_attempts=3,
@@ -270,6 +269,29 @@ def test_oversized_bodies_are_cut_at_max_bytes(make_fetcher: Callable[..., Fetch
     assert (err.status, err.attempts, http_server.hits(url) - before) == (status.TOO_LARGE, 1, 1)
 
 
+def test_watchdog_wakes_for_an_earlier_deadline() -> None:
+    # It sleeps until the earliest end it knows and is woken only by an earlier one: a socket
+    # registered later with a nearer deadline must still be shut down at that deadline.
+    import socket
+
+    from mumic_batch.io.watchdog import Watchdog
+
+    watchdog = Watchdog()
+    far, near = socket.socketpair(), socket.socketpair()
+    try:
+        late = watchdog.watch(far[0], time.monotonic() + 60)
+        time.sleep(0.2)  # let the thread start its 60 s sleep (if it has not, the test is merely easier)
+        soon = watchdog.watch(near[0], time.monotonic() + 0.2)
+        near[0].settimeout(10)  # only a missed wake-up would get this far
+        assert near[0].recv(1) == b""  # shut down: end of data, not a timeout
+        assert soon.fired and not late.fired
+        watchdog.release(late)
+    finally:
+        watchdog.close()
+        for sock in (*far, *near):
+            sock.close()
+
+
 def test_body_longer_than_content_length_is_never_read(make_fetcher: Callable[..., Fetcher],
                                                        http_server: HttpServer) -> None:
     data = make_fetcher().fetch(http_server.url("/lying-length?claim=1000&size=5000000"))
@@ -413,7 +435,7 @@ def https_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Htt
     """The test routes over TLS for `images.test` (cert from a throwaway CA); yields (server, ca_file)."""
     pytest.importorskip("cryptography")
     folder = tmp_path_factory.mktemp("tls")
-    ca_file, context = _tls_files(folder, "images.test")
+    ca_file, context = make_tls_files(folder, "images.test")
     server = _Server(("127.0.0.1", 0), _Handler)
     server.fixture = HttpServer(server, make_jpeg(), b"")
     server.socket = context.wrap_socket(server.socket, server_side=True)
@@ -422,38 +444,6 @@ def https_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Htt
     yield server.fixture, ca_file
     server.shutdown()
     server.server_close()
-
-
-def _tls_files(folder: Path, hostname: str) -> tuple[Path, ssl.SSLContext]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mumic test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(1).not_valid_before(now - datetime.timedelta(days=1))
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-          .sign(ca_key, hashes.SHA256()))
-    leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]))
-            .issuer_name(ca_name).public_key(leaf_key.public_key()).serial_number(2)
-            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    pem = serialization.Encoding.PEM
-    (folder / "ca.pem").write_bytes(ca.public_bytes(pem))
-    (folder / "leaf.pem").write_bytes(leaf.public_bytes(pem))
-    (folder / "leaf.key").write_bytes(leaf_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                             serialization.NoEncryption()))
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(folder / "leaf.pem", folder / "leaf.key")
-    return folder / "ca.pem", context
 
 
 def test_https_connects_to_pinned_address_with_sni(make_fetcher: Callable[..., Fetcher],
@@ -469,6 +459,154 @@ def test_https_connects_to_pinned_address_with_sni(make_fetcher: Callable[..., F
     assert wrong.status == status.FETCH_ERROR and "tls" in wrong.message and wrong.attempts == 1
     untrusted = make_fetcher(resolver=resolve)  # system CA store: the test CA is unknown
     assert fail_status(untrusted, f"https://images.test:{server.port}/image.jpg").status == status.FETCH_ERROR
+
+
+# ---------------------------------------------------------------- keep-alive: pooled connections under the same checks
+
+
+def names_to_loopback(host: str, port: int) -> list[str]:
+    """DNS stub: every name is the test server's address."""
+    return ["127.0.0.1"]
+
+
+def test_connections_are_reused_for_one_host(make_fetcher: Callable[..., Fetcher]) -> None:
+    with start_server(keep_alive=True) as server:
+        fetcher = make_fetcher()
+        for i in range(10):
+            result = fetcher.fetch_detailed(server.url(f"/image.jpg?i={i}"))
+            assert (result.data, result.attempts) == (server.jpeg, 1)
+        assert server.connections == 1
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(fetcher.fetch, [server.url(f"/image.jpg?j={i}") for i in range(64)]))
+        assert all(r == server.jpeg for r in results)
+        assert server.connections <= 8  # a connection is opened only when none is idle
+
+
+def test_https_connections_are_reused_with_sni(make_fetcher: Callable[..., Fetcher],
+                                               tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    ca_file, context = make_tls_files(tmp_path, "images.test")
+    with start_server(keep_alive=True, tls=context) as server:
+        fetcher = make_fetcher(resolver=names_to_loopback, ca_bundle=str(ca_file))
+        for _ in range(5):
+            assert fetcher.fetch(f"https://images.test:{server.port}/image.jpg") == server.jpeg
+        assert server.connections == 1
+        # The pooled connection was verified for images.test: another name gets its own
+        # connection, and fails the certificate check there.
+        wrong = fail_status(fetcher, f"https://other.test:{server.port}/image.jpg")
+        assert wrong.status == status.FETCH_ERROR and "tls" in wrong.message
+
+
+def test_pool_off_opens_a_connection_per_request(make_fetcher: Callable[..., Fetcher]) -> None:
+    with start_server(keep_alive=True) as server:
+        fetcher = make_fetcher(pool_connections=0)
+        for _ in range(3):
+            assert fetcher.fetch(server.url("/image.jpg")) == server.jpeg
+        assert server.connections == 3
+
+
+def test_redirects_to_other_hosts_never_share_a_connection(make_fetcher: Callable[..., Fetcher],
+                                                           canary: Canary) -> None:
+    with start_server(keep_alive=True) as server:
+        fetcher = make_fetcher(resolver=names_to_loopback)
+        a, b = f"http://a.test:{server.port}", f"http://b.test:{server.port}"
+        assert fetcher.fetch(f"{a}/image.jpg") == server.jpeg  # leaves an idle connection for a.test
+        hop = quote(f"{b}/image.jpg", safe="")
+        result = fetcher.fetch_detailed(f"{a}/redirect?to={hop}")
+        assert (result.data, result.attempts) == (server.jpeg, 2)
+        assert fetcher.fetch(f"{b}/image.jpg") == server.jpeg
+        assert fetcher.fetch(f"{a}/image.jpg") == server.jpeg
+        # Same address and port, but every connection carried requests for one name only.
+        carried = server.hosts_per_connection()
+        assert all(len(hosts) == 1 for hosts in carried.values()), carried
+        assert {h for hosts in carried.values() for h in hosts} == {f"a.test:{server.port}", f"b.test:{server.port}"}
+        before = (canary.connections, server.connections)
+        err = fail_status(fetcher, f"{a}/redirect?to={quote(canary.url('/latest/meta-data/'), safe='')}")
+        assert err.status == status.BLOCKED_DESTINATION
+        assert (canary.connections, server.connections) == before  # the hop was refused before any connection
+
+
+class RebindAfterFirst:
+    """DNS stub: the test server first, then an address outside allowed_networks."""
+
+    def __init__(self, later: str) -> None:
+        self.later = later
+        self.calls = 0
+
+    def __call__(self, host: str, port: int) -> list[str]:
+        self.calls += 1
+        return ["127.0.0.1"] if self.calls == 1 else [self.later]
+
+
+@pytest.mark.parametrize("later", ["127.0.0.2", "169.254.169.254"])
+def test_changed_dns_answer_is_checked_before_any_pooled_connection(make_fetcher: Callable[..., Fetcher],
+                                                                    canary: Canary, loopback_only: list[str],
+                                                                    later: str) -> None:
+    with start_server(keep_alive=True) as server:
+        resolver = RebindAfterFirst(later)
+        fetcher = make_fetcher(resolver=resolver)
+        url = f"http://rebind.test:{server.port}/image.jpg"
+        assert fetcher.fetch(url) == server.jpeg  # an idle connection to 127.0.0.1 is now pooled
+        before = (canary.connections, server.hits(url))
+        assert fail_status(fetcher, url).status == status.BLOCKED_DESTINATION
+        # Resolved and checked again; neither the pooled connection nor a new one was used.
+        assert resolver.calls == 2 and (canary.connections, server.hits(url)) == before
+        assert loopback_only == ["127.0.0.1"]
+
+
+def test_server_closing_idle_connections_costs_no_row(make_fetcher: Callable[..., Fetcher]) -> None:
+    with start_server(keep_alive=True, idle_timeout_s=0.2) as server:
+        fetcher = make_fetcher(max_attempts=1)
+        assert fetcher.fetch(server.url("/image.jpg")) == server.jpeg
+        for _ in range(200):  # until the server has closed its side (0.2 s, more on a busy machine)
+            if server.closed_connections:
+                break
+            time.sleep(0.05)
+        assert server.closed_connections == 1
+        result = fetcher.fetch_detailed(server.url("/image.jpg"))
+        assert (result.data, result.attempts, server.connections) == (server.jpeg, 1, 2)
+
+
+def test_connection_closed_as_the_request_arrives_is_resent_once(make_fetcher: Callable[..., Fetcher]) -> None:
+    with start_server(keep_alive=True) as server:
+        fetcher = make_fetcher(max_attempts=1)
+        for _ in range(3):
+            result = fetcher.fetch_detailed(server.url("/once-per-connection"))
+            assert (result.data, result.attempts) == (server.jpeg, 1)
+        # Each reuse met a closed connection and was sent again on a new one, as the same attempt.
+        assert server.connections == 3 and server.hits("/once-per-connection") == 5
+
+
+def test_idle_connections_expire_on_our_side(make_fetcher: Callable[..., Fetcher]) -> None:
+    with start_server(keep_alive=True) as server:
+        fetcher = make_fetcher(pool_idle_s=0.1)
+        assert fetcher.fetch(server.url("/image.jpg")) == server.jpeg
+        time.sleep(0.3)
+        assert fetcher.fetch(server.url("/image.jpg")) == server.jpeg
+        assert server.connections == 2
+
+
+def test_pool_is_bounded_under_many_hosts(make_fetcher: Callable[..., Fetcher],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[Any] = []
+    dial = fetch_http.open_socket  # the loopback guard
+
+    def counting(ip: Any, port: int, timeout: float) -> Any:
+        opened.append(dial(ip, port, timeout))
+        return opened[-1]
+
+    monkeypatch.setattr(fetch_http, "open_socket", counting)
+    with start_server(keep_alive=True) as server:
+        fetcher = make_fetcher(resolver=names_to_loopback, pool_connections=4)
+        for i in range(40):
+            assert fetcher.fetch(f"http://h{i}.test:{server.port}/image.jpg") == server.jpeg
+        assert len(opened) == 40
+        assert sum(sock.fileno() != -1 for sock in opened) == 4  # the newest four are kept
+        assert fetcher.fetch(f"http://h39.test:{server.port}/image.jpg") == server.jpeg
+        assert fetcher.fetch(f"http://h0.test:{server.port}/image.jpg") == server.jpeg
+        assert len(opened) == 41 and server.connections == 41
+        fetcher.close()
+        assert all(sock.fileno() == -1 for sock in opened)
 
 
 # ---------------------------------------------------------------- S3 (moto server in its own process)

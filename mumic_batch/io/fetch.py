@@ -72,7 +72,8 @@ class Fetcher:
         return self._s3.client()
 
     def close(self) -> None:
-        """Release the S3 connection pool and stop the watchdog thread."""
+        """Close the pooled http(s) and S3 connections and stop the watchdog thread."""
+        self._http.close()
         self._s3.close()
         self._watchdog.close()
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-import email.utils
 import random
 import time
-from datetime import datetime, timezone
+
+from urllib3.exceptions import InvalidHeader
+from urllib3.util import Retry
 
 from mumic_batch.core.status import TIMEOUT, ImageError
+
+# Only urllib3's Retry-After parser is used: its retry loop would sleep past fetch.deadline_s and
+# has no first-retry delay, so the loop stays ours (docs/fetching.md, Retries).
+_RETRY_AFTER = Retry(total=0)
 
 
 class FetchError(ImageError):
@@ -48,13 +53,7 @@ def parse_retry_after(value: str | None) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or HTTP-date); None when absent/invalid."""
     if not value:
         return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
     try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        return float(_RETRY_AFTER.parse_retry_after(value))
+    except InvalidHeader:
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())

@@ -1,17 +1,22 @@
 """http(s) reader: SSRF-checked, pinned to the checked address, capped, with bounded retries.
 
-Each request resolves the host once, checks every address (addresses.resolve_destination) and
-connects to that address itself, with Host and SNI set to the name, so DNS rebinding cannot move
-it. Redirects are followed by hand and every hop is checked again. One connection per request
-(`Connection: close`): a pool could hand back a connection pinned for another check.
+Each request resolves the host, checks every address (addresses.resolve_destination) and then
+uses a connection to that very address, with Host and SNI set to the name, so DNS rebinding
+cannot move it. Kept-alive connections are pooled under (scheme, host, port, checked address):
+a request only ever reuses a connection that was opened for the destination it has just
+checked, so a redirect to another host, or a DNS answer that changed, gets a connection of its
+own (or is refused before one is opened). Redirects are followed by hand and every hop is
+checked again.
 """
 
 from __future__ import annotations
 
 import http.client
 import logging
+import select
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import urljoin
@@ -48,9 +53,16 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
+class _StaleConnection(Exception):
+    """A pooled connection that the server had closed: the request is sent again on a new one."""
+
+
 @dataclass
 class _Redirect:
     location: str
+
+
+_Key = tuple[str, str, int, IPAddress]  # scheme, host name, port, the checked address it is pinned to
 
 
 def open_socket(ip: IPAddress, port: int, timeout: float) -> socket.socket:
@@ -69,6 +81,7 @@ class _PinnedConnection(http.client.HTTPConnection):
         self._context = context
         self._connect_timeout, self._read_timeout = timeouts
         self.pinned: socket.socket | None = None
+        self.idle_since = 0.0
 
     def connect(self) -> None:
         sock = open_socket(self._ip, self.port, self._connect_timeout)
@@ -83,9 +96,90 @@ class _PinnedConnection(http.client.HTTPConnection):
         if isinstance(self.pinned, ssl.SSLSocket):
             self.pinned.do_handshake()
 
+    def dropped(self) -> bool:
+        """True when an idle connection can no longer carry a request (closed by the server)."""
+        if self.sock is None:
+            return True
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True  # bytes nobody asked for: the connection is out of step
+        # Readable while idle means EOF, a reset or stray bytes: none leaves it usable.
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(0))
+
+
+class ConnectionPool:
+    """Idle kept-alive connections of one Fetcher, newest last; thread-safe.
+
+    Bounded over all hosts together (`fetch.pool_connections`): putting one more back closes the
+    oldest. Connections idle for longer than `fetch.pool_idle_s` are closed when the pool is next
+    used. Each connection is in use by one thread at a time: `take` removes it from the pool.
+    The TLS settings are one SSL context per reader, so the key need not name them.
+    """
+
+    def __init__(self, size: int, idle_s: float) -> None:
+        self.size = size
+        self._idle_s = idle_s
+        self._lock = threading.Lock()
+        self._idle: list[tuple[_Key, _PinnedConnection]] = []
+        self._closed = False
+
+    def take(self, key: _Key) -> _PinnedConnection | None:
+        """The most recently used idle connection for `key` that is still open, or None."""
+        while True:
+            with self._lock:
+                stale = self._expire()
+                conn = None
+                for i in range(len(self._idle) - 1, -1, -1):
+                    if self._idle[i][0] == key:
+                        conn = self._idle.pop(i)[1]
+                        break
+            _close_all(stale)
+            if conn is None or not conn.dropped():
+                return conn
+            conn.close()
+
+    def put(self, key: _Key, conn: _PinnedConnection) -> None:
+        """Keep `conn` for the next request to `key` (or close it when the pool is full or closed)."""
+        conn.idle_since = time.monotonic()
+        with self._lock:
+            if self._closed or self.size == 0:
+                stale = [conn]
+            else:
+                self._idle.append((key, conn))
+                stale = self._expire()
+                excess = len(self._idle) - self.size
+                if excess > 0:
+                    stale += [c for _, c in self._idle[:excess]]
+                    del self._idle[:excess]
+        _close_all(stale)
+
+    def close(self) -> None:
+        """Close every idle connection; later `put`s close theirs at once."""
+        with self._lock:
+            self._closed = True
+            stale = [c for _, c in self._idle]
+            self._idle.clear()
+        _close_all(stale)
+
+    def _expire(self) -> list[_PinnedConnection]:
+        # The list is in put order, so the expired ones are a prefix.
+        limit = time.monotonic() - self._idle_s
+        n = 0
+        while n < len(self._idle) and self._idle[n][1].idle_since < limit:
+            n += 1
+        expired = [c for _, c in self._idle[:n]]
+        del self._idle[:n]
+        return expired
+
+
+def _close_all(conns: list[_PinnedConnection]) -> None:
+    for conn in conns:
+        conn.close()
+
 
 class HttpReader:
-    """Reads http(s) URLs under FetchCfg's limits; thread-safe (no shared mutable state)."""
+    """Reads http(s) URLs under FetchCfg's limits; thread-safe (the only shared state is the locked pool)."""
 
     def __init__(self, cfg: FetchCfg, networks: tuple[IPNetwork, ...], watchdog: Watchdog,
                  resolver: Resolver | None = None) -> None:
@@ -94,6 +188,11 @@ class HttpReader:
         self._watchdog = watchdog
         self._resolver = resolver or system_resolver
         self._context = ssl.create_default_context(cafile=cfg.ca_bundle or None)
+        self._pool = ConnectionPool(cfg.pool_connections, cfg.pool_idle_s)
+
+    def close(self) -> None:
+        """Close the idle pooled connections."""
+        self._pool.close()
 
     def read(self, url: ParsedUri, deadline: Deadline) -> tuple[bytes, int]:
         """Body bytes and the number of requests made; raises FetchError."""
@@ -140,37 +239,68 @@ class HttpReader:
     def _request(self, url: ParsedUri, deadline: Deadline, attempts: list[int]) -> bytes | _Redirect:
         ip = resolve_destination(url.host, url.port, self._cfg.allowed_hosts, self._networks, self._resolver)
         attempts[0] += 1  # counts requests actually tried, not those refused by the checks
+        key: _Key = (url.scheme, url.host, url.port, ip)
+        pooled = self._pool.take(key)
+        if pooled is not None:
+            try:
+                return self._exchange(pooled, key, url, deadline, fresh=False)
+            except _StaleConnection as err:
+                # The server closed it while it sat idle; the request never reached the
+                # application, so it is sent again on a new connection as the same attempt.
+                log.debug("pooled connection to %s was closed (%s); reconnecting", url.host, err.__cause__)
         context = self._context if url.scheme == "https" else None
         timeouts = (deadline.cap(self._cfg.connect_timeout_s), deadline.cap(self._cfg.read_timeout_s))
-        conn = _PinnedConnection(url, ip, context, timeouts)
+        return self._exchange(_PinnedConnection(url, ip, context, timeouts), key, url, deadline, fresh=True)
+
+    def _exchange(self, conn: _PinnedConnection, key: _Key, url: ParsedUri, deadline: Deadline,
+                  fresh: bool) -> bytes | _Redirect:
+        """One request on `conn` (a new one when `fresh`); returns it to the pool when reusable."""
         watch: Watch | None = None
+        reusable = False
         try:
-            conn.connect()
+            if fresh:
+                conn.connect()
             assert conn.pinned is not None
+            conn.pinned.settimeout(deadline.cap(self._cfg.read_timeout_s))
             watch = self._watchdog.watch(conn.pinned, deadline.end)
-            conn.handshake()
-            self._send(conn, url)
-            return self._receive(conn, url, deadline, watch)
-        except (ImageError, _Retryable):
+            if fresh:
+                conn.handshake()
+            resp = self._send(conn, url, fresh, watch)
+            outcome = self._receive(conn, resp, url, deadline, watch)
+            reusable = isinstance(outcome, bytes) and not resp.will_close
+            return outcome
+        except (ImageError, _Retryable, _StaleConnection):
             raise
         except Exception as err:  # noqa: BLE001 - socket, ssl and http.client raise many types
             raise _classify(err, watch, deadline) from err
         finally:
             if watch is not None:
                 self._watchdog.release(watch)
-            conn.close()
+            # After release the watchdog can no longer fire, so `fired` is final here.
+            if reusable and watch is not None and not watch.fired:
+                self._pool.put(key, conn)
+            else:
+                conn.close()
 
-    def _send(self, conn: _PinnedConnection, url: ParsedUri) -> None:
-        conn.putrequest("GET", url.path, skip_accept_encoding=True)
-        # identity: a compressed body would dodge the byte cap, which counts wire bytes.
-        conn.putheader("Accept-Encoding", "identity")
-        conn.putheader("Accept", "image/*, */*;q=0.5")
-        conn.putheader("User-Agent", self._cfg.user_agent)
-        conn.putheader("Connection", "close")
-        conn.endheaders()
+    def _send(self, conn: _PinnedConnection, url: ParsedUri, fresh: bool, watch: Watch) -> http.client.HTTPResponse:
+        """Send the GET and read the status line and headers."""
+        try:
+            conn.putrequest("GET", url.path, skip_accept_encoding=True)
+            # identity: a compressed body would dodge the byte cap, which counts wire bytes.
+            conn.putheader("Accept-Encoding", "identity")
+            conn.putheader("Accept", "image/*, */*;q=0.5")
+            conn.putheader("User-Agent", self._cfg.user_agent)
+            if self._pool.size == 0:
+                conn.putheader("Connection", "close")
+            conn.endheaders()
+            return conn.getresponse()
+        except (ConnectionError, ssl.SSLEOFError) as err:
+            if fresh or watch.fired:
+                raise
+            raise _StaleConnection(str(err)) from err
 
-    def _receive(self, conn: _PinnedConnection, url: ParsedUri, deadline: Deadline, watch: Watch) -> bytes | _Redirect:
-        resp = conn.getresponse()
+    def _receive(self, conn: _PinnedConnection, resp: http.client.HTTPResponse, url: ParsedUri,
+                 deadline: Deadline, watch: Watch) -> bytes | _Redirect:
         code = resp.status
         log.debug("GET %s -> %d", url.raw, code)
         if code in REDIRECT_STATUS and resp.getheader("Location"):
@@ -199,6 +329,9 @@ class HttpReader:
             if not chunk:
                 if resp.length:  # read1 reports a body cut short only as end of data
                     raise http.client.IncompleteRead(bytes(body), resp.length)
+                # read1 leaves a body that ended at its Content-Length open, and http.client
+                # sends nothing more on the connection until the response is closed.
+                resp.close()
                 return bytes(body)
             body += chunk
             if len(body) > self._cfg.max_bytes:
