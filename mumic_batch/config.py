@@ -235,6 +235,7 @@ class TrainCfg:
     train_split: str = "train"  # labels-table split trained on
     val_split: str = "val"  # split for early stopping and thresholds
     towers: str = "image"  # towers that train: image | text | both | none (temperature and bias only)
+    image_groups: int = 0  # partial tuning: train only the image tower's last n groups (blocks; 0: all of it)
     lr_image: float = 2e-3  # peak learning rate of the image tower (demo scale; ~1e-5 for a real CLIP)
     lr_text: float = 1e-4  # peak learning rate of the text tower (~1e-6 for a real CLIP)
     lr_head: float = 1e-2  # peak learning rate of the log temperature and the bias
@@ -253,6 +254,7 @@ class TrainCfg:
     checkpoint_every: int = 5  # epochs between checkpoints (0: no checkpoints)
     resume: bool = True  # continue from a checkpoint of the same run (same config, base and data) if present
     target_precision: float = 0.8  # per-class threshold: lowest validation score whose precision reaches this
+    preserve: float = 0.0  # feature preservation: weight of the mean squared distance to the base's image embeddings
     wise_alpha: float = 1.0  # WiSE-FT: saved towers = (1 - a) * base + a * fine-tuned; < 1 keeps more zero-shot ability
     seed: int = 0  # seed of the batch order and the augmentation
     device: str = "auto"  # auto | cpu | cuda
@@ -271,6 +273,7 @@ class TrainCfg:
                  "and train.checkpoint_every must be >= 0")
         _require(0.0 < self.target_precision <= 1.0, "train.target_precision", "must be in (0, 1]")
         _require(0.0 <= self.wise_alpha <= 1.0, "train.wise_alpha", "must be in [0, 1]")
+        _require(self.preserve >= 0 and self.image_groups >= 0, "train.preserve", "and train.image_groups must be >= 0")
         _require(not self.clip_weights or bool(self.architecture), "train.architecture",
                  "must name the architecture of train.clip_weights")
         _require(self.train_split != self.val_split, "train.val_split", "must differ from train.train_split")
