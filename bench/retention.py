@@ -51,10 +51,10 @@ BOTH_LOW = {"towers": "both", "lr_image": 5e-4, "lr_text": 5e-4}
 # name -> (TrainCfg changes, WiSE-FT alphas scored besides 1.0)
 METHODS: dict[str, tuple[dict, tuple[float, ...]]] = {
     "default": ({}, (0.8,)),
-    "both-5e-4": (BOTH_LOW, (0.8,)),
-    "preserve-1": ({"preserve": 1.0}, ()),
     "preserve-10": ({"preserve": 10.0}, (0.8,)),
+    "both-5e-4": (BOTH_LOW, (0.8,)),
     "last-2-groups": ({"image_groups": 2}, ()),
+    "preserve-1": ({"preserve": 1.0}, ()),
     "both-5e-4-preserve-10": ({**BOTH_LOW, "preserve": 10.0}, (0.8,)),
 }
 
@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default=str(REPO / "conf" / "local.yaml"), help="settings the runs start from")
     p.add_argument("--seeds", type=int, default=3, help="seeds (default 3)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
+    p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--partial", help="rewrite this JSON file with the results so far after every fit")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key of every run (repeatable)")
     return p.parse_args(argv)
@@ -98,6 +100,8 @@ def sweep(cfg: JobCfg, args: argparse.Namespace, work: Path) -> dict[str, list[d
                 row = f"{name}" + ("" if alpha == 1.0 else f" + WiSE {alpha}")
                 results.setdefault(row, []).append({**scores(mixed, data), "seconds": seconds})
                 log.info("seed %d, %s: %s", seed, row, {k: round(v, 4) for k, v in results[row][-1].items()})
+            if args.partial:
+                Path(args.partial).write_text(json.dumps(results))
     return results
 
 
@@ -110,6 +114,8 @@ def table(results: dict[str, list[dict[str, float]]], k: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     cfg = load_config(args.config, args.overrides)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mumic-retention-") as tmp:

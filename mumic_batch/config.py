@@ -254,6 +254,10 @@ class TrainCfg:
     checkpoint_every: int = 5  # epochs between checkpoints (0: no checkpoints)
     resume: bool = True  # continue from a checkpoint of the same run (same config, base and data) if present
     target_precision: float = 0.8  # per-class threshold: lowest validation score whose precision reaches this
+    threshold_min_support: int = 5  # a class with fewer validation positives gets no label (fallback)
+    threshold_bootstrap: int = 200  # validation resamples behind each threshold and its expected precision/recall
+    threshold_shrinkage: float = 10.0  # pseudo-positives pulling a class's threshold towards the global one (0: none)
+    threshold_ci: float = 0.9  # coverage of the expected precision/recall intervals in the manifest
     preserve: float = 0.0  # feature preservation: weight of the mean squared distance to the base's image embeddings
     wise_alpha: float = 1.0  # WiSE-FT: saved towers = (1 - a) * base + a * fine-tuned; < 1 keeps more zero-shot ability
     seed: int = 0  # seed of the batch order and the augmentation
@@ -272,6 +276,10 @@ class TrainCfg:
         _require(self.patience >= 0 and self.checkpoint_every >= 0, "train.patience",
                  "and train.checkpoint_every must be >= 0")
         _require(0.0 < self.target_precision <= 1.0, "train.target_precision", "must be in (0, 1]")
+        _require(self.threshold_min_support >= 1 and self.threshold_bootstrap >= 1, "train.threshold_min_support",
+                 "and train.threshold_bootstrap must be >= 1")
+        _require(self.threshold_shrinkage >= 0, "train.threshold_shrinkage", "must be >= 0")
+        _require(0.0 < self.threshold_ci < 1.0, "train.threshold_ci", "must be in (0, 1)")
         _require(0.0 <= self.wise_alpha <= 1.0, "train.wise_alpha", "must be in [0, 1]")
         _require(self.preserve >= 0 and self.image_groups >= 0, "train.preserve", "and train.image_groups must be >= 0")
         _require(not self.clip_weights or bool(self.architecture), "train.architecture",

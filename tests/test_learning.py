@@ -220,3 +220,34 @@ def test_masked_pairs_do_not_change_training(sample, pretrained) -> None:
         fit(clf, LabelledSet(train.pixels, targets, mask), val, cfg, CPU)
         runs.append(_state(clf))
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_partial_tuning_trains_only_the_last_image_groups(sample, pretrained) -> None:
+    base, _ = pretrained
+    train, val = _small_sets(sample, 64, 32)
+    groups = train_mod.image_groups(base.backbone.visual)
+    assert [g[0].split(".")[0] for g in groups[1:]] == ["layer1", "layer2", "layer3", "layer4", "attnpool"]
+    cfg = TrainCfg(epochs=1, batch_size=32, image_groups=2, checkpoint_every=0)
+    clf = _classifier(base, cfg)
+    before = _state(clf)
+    fit(clf, train, val, cfg, CPU)
+    after = _state(clf)
+    changed = {k.split(".")[3] for k in before if k.startswith("model.backbone.visual.")
+               and not torch.equal(before[k], after[k])}
+    # Frozen layers keep their BatchNorm statistics too: nothing before layer4 moves.
+    assert changed == {"layer4", "attnpool"}
+
+
+def test_feature_preservation_keeps_image_embeddings_near_the_base(sample, pretrained) -> None:
+    base, _ = pretrained
+    train, val = _small_sets(sample, 96, 48)
+    with torch.no_grad():
+        start = base.encode_images(val.pixels)
+    drift = {}
+    for preserve in (0.0, 50.0):
+        cfg = TrainCfg(epochs=3, batch_size=32, checkpoint_every=0, patience=0, preserve=preserve)
+        clf = _classifier(base, cfg)
+        fit(clf, train, val, cfg, CPU)
+        with torch.no_grad():
+            drift[preserve] = float((clf.model.encode_images(val.pixels) - start).pow(2).sum(-1).mean())
+    assert drift[50.0] < 0.5 * drift[0.0], drift

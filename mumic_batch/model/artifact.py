@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -50,12 +51,29 @@ class ClassEntry:
     prompt: str  # text prompt whose embedding is the class weight
     threshold: float = 0.5  # probability at or above which the label is assigned
     zero_shot: bool = False  # True: not trained on, scored through its prompt only
+    # What validation says about the threshold (written by jobs/train.py; None in older manifests).
+    assign: bool = True  # False: the class is never assigned (it cannot reach its target precision); see `note`
+    note: str = ""  # how the threshold was chosen, or why the class gets no label
+    target_precision: float | None = None  # the precision the threshold was chosen for
+    support: int | None = None  # validation positives
+    auc: float | None = None  # validation ROC AUC (for a zero-shot class: how far its prompt can be trusted)
+    expected_precision: float | None = None  # bootstrap median of the validation precision at the threshold
+    precision_low: float | None = None  # bootstrap interval of that precision (train.threshold_ci)
+    precision_high: float | None = None
+    expected_recall: float | None = None  # bootstrap median of the validation recall at the threshold
+    recall_low: float | None = None
+    recall_high: float | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.prompt:
             raise ValueError(f"class needs a non-empty name and prompt: {self!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"class {self.name!r}: threshold {self.threshold} outside [0, 1]")
+
+    @property
+    def effective_threshold(self) -> float:
+        """The threshold to compare probabilities with: infinite for a class that is never assigned."""
+        return self.threshold if self.assign else math.inf
 
 
 @dataclass(frozen=True)
