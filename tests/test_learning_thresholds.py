@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -9,6 +10,9 @@ import pytest
 
 from mumic_batch.core import metrics
 from mumic_batch.core.thresholds import choose_threshold, choose_thresholds, global_threshold
+from mumic_batch.model.artifact import ClassEntry, read_manifest, save_artifact
+from mumic_batch.model.backbone import TINY_ARCH
+from mumic_batch.model.mumic import build_mumic
 
 
 def _scores(rng: np.random.Generator, n: int, prevalence: float, separation: float) -> tuple[np.ndarray, np.ndarray]:
@@ -72,3 +76,18 @@ def test_choose_thresholds_per_class_uses_the_pooled_global_threshold() -> None:
     choices = choose_thresholds(y, s, 0.8, shrinkage=10.0)
     assert choices[0].assign and not choices[1].assign
     assert f"global {global_threshold(y, s, 0.8):.3f}" in choices[0].note
+
+
+def test_class_entries_keep_their_validation_fields_through_the_manifest(tmp_path) -> None:
+    plain = ClassEntry("red", "a photo of something red", 0.4)
+    checked = ClassEntry("blue", "a photo of something blue", 0.7, assign=True, note="bootstrap median",
+                         target_precision=0.8, support=12, auc=0.93, expected_precision=0.81, precision_low=0.7,
+                         precision_high=0.92, expected_recall=0.5, recall_low=0.3, recall_high=0.66)
+    dropped = ClassEntry("grey", "a photo of something grey", 1.0, assign=False, note="no label", support=2)
+    save_artifact(tmp_path / "m", build_mumic(TINY_ARCH, seed=0), name="m", version="v1",
+                  classes=[plain, checked, dropped])
+    assert read_manifest(tmp_path / "m").classes == (plain, checked, dropped)
+    on_disk = json.loads((tmp_path / "m" / "manifest.json").read_text())["classes"]
+    # an entry without validation fields is written exactly as older manifests have it
+    assert on_disk[0] == {"name": "red", "prompt": "a photo of something red", "threshold": 0.4, "zero_shot": False}
+    assert on_disk[2]["assign"] is False and dropped.effective_threshold == math.inf

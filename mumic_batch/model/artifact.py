@@ -43,6 +43,9 @@ class ArtifactError(ValueError):
     """A model artifact is missing, malformed, of an unknown format version, or fails its checksum."""
 
 
+_CORE_CLASS_FIELDS = 4  # name, prompt, threshold, zero_shot: every manifest has them
+
+
 @dataclass(frozen=True)
 class ClassEntry:
     """One output class: its name in the tables, its prompt (classifier weight) and decision threshold."""
@@ -69,6 +72,14 @@ class ClassEntry:
             raise ValueError(f"class needs a non-empty name and prompt: {self!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"class {self.name!r}: threshold {self.threshold} outside [0, 1]")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; validation fields still at their defaults are left out, as older manifests have them."""
+        out = dataclasses.asdict(self)
+        for f in dataclasses.fields(self)[_CORE_CLASS_FIELDS:]:
+            if out[f.name] == f.default:
+                del out[f.name]
+        return out
 
     @property
     def effective_threshold(self) -> float:
@@ -105,7 +116,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         out = dataclasses.asdict(self)
-        out["classes"] = [dataclasses.asdict(c) for c in self.classes]
+        out["classes"] = [c.to_dict() for c in self.classes]
         return out
 
     @classmethod

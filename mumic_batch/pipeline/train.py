@@ -92,7 +92,7 @@ def _train(spark, cfg: JobCfg, record: RunRecord) -> dict:
                      rows=int(train.pixels.shape[0]), val_rows=int(val.pixels.shape[0]),
                      label_column=tc.label_column, base=base_ref)
     fit_metrics = {"val": val_metrics, **_fit_summary(result), "wise_alpha": tc.wise_alpha,
-                   "zero_shot": {e.name: dataclasses.asdict(e) for e in zero_shot}}
+                   "zero_shot": {e.name: e.to_dict() for e in zero_shot}}
     manifest = save_artifact(out, clf.model, name=tc.name, version=version, classes=entries, training_data=ref,
                              metrics=fit_metrics, overwrite=tc.overwrite)
     return {"job": JOB, "run_id": record.run_id, "model": out, "name": manifest.name, "version": manifest.version,
