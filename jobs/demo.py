@@ -6,7 +6,8 @@ nothing to do) and run SQL over the tables. Each step is a job run as its own pr
 is printed first so it can be repeated by hand. The demo checks one prediction row per catalogue image,
 an empty rerun, and that the fine-tuned model is clearly ahead of the zero-shot base model on the test
 split; it prints both models (with holdout AUC, calibration and embedding retrieval) and whether the
-fine-tuned model's thresholds held on the test split. The last stdout line is a JSON object with the table and model paths and the step command lines.
+fine-tuned model's thresholds held on the test split. The last stdout line is a JSON object with the
+table and model paths and the step command lines.
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ def compare(base: dict, tuned: dict) -> tuple[float, float]:
     return base["overall"]["gap_at_10"], tuned["overall"]["gap_at_10"]
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def threshold_check(tuned: dict) -> tuple[list[str], list[str]]:
     """Print whether the thresholds held on the test split; return (precision misses, over-assigned classes).
 
@@ -119,9 +124,9 @@ def threshold_check(tuned: dict) -> tuple[list[str], list[str]]:
         if rate > OVER_ASSIGNED * prevalence:
             over.append(name)
             notes.append("over-assigned")
-        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-        print(f"  {name + (' *' if c['zero_shot'] else ''):<24} {fmt(ap):>6} {fmt(target) if c['assign'] else 'none':>7} "
-              f"{fmt(precision):>10} {fmt(rate):>9} {fmt(prevalence):>11}  {', '.join(notes) or 'ok'}")
+        label, goal = name + (" *" if c["zero_shot"] else ""), _fmt(target) if c["assign"] else "none"
+        print(f"  {label:<24} {_fmt(ap):>6} {goal:>7} {_fmt(precision):>10} {_fmt(rate):>9} {_fmt(prevalence):>11}  "
+              f"{', '.join(notes) or 'ok'}")
     print(f"  goal: classes with AP >= {STRONG_AP} within {PRECISION_TOLERANCE} of their target precision: "
           f"{'met' if not misses else 'missed by ' + ', '.join(misses)}; none assigned above "
           f"{OVER_ASSIGNED:g}x prevalence: {'met' if not over else 'missed by ' + ', '.join(over)}  (* zero-shot)")
