@@ -298,6 +298,7 @@ class EvaluateCfg:
     map_classes: tuple[str, ...] = ()  # classes of the macro mAP (empty: the evaluate.majority most frequent)
     majority: int = 8  # how many classes, by support in the split, the default macro mAP averages
     report_dir: str = "data/out/reports"  # the Markdown report goes to <report_dir>/<model_version>-<split>/
+    previous: str = ""  # artifact of the previous model version: the report compares both on the same images
 
     def __post_init__(self) -> None:
         _require(self.gap_k >= 1, "evaluate.gap_k", "must be >= 1")

@@ -142,9 +142,27 @@ def test_evaluate_writes_metrics_table_and_report(workspace, jobs_ran, spark) ->
     assert report.name == "report.md" and report.parent.name == "t1-test"
     text = report.read_text()
     assert "pr_curves.png" in text and "ap_per_class.png" in text and "purple" in text and "## Flags" in text
-    for png in ("pr_curves.png", "ap_per_class.png", "reliability.png"):
+    assert "## Most confused class pairs" in text and "## Training curves" in text
+    for png in ("pr_curves.png", "ap_per_class.png", "reliability.png", "training_curves.png"):
         with Image.open(report.parent / png) as image:
             assert image.format == "PNG" and image.width > 300
+
+
+def test_evaluate_compares_with_a_previous_version_on_the_same_images(workspace, jobs_ran, spark) -> None:
+    args = _args(workspace) + ["--set", f"evaluate.previous={workspace / 'base'}",
+                               "--set", f"evaluate.report_dir={workspace / 'reports-vs-base'}"]
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert evaluate_job.main(args) == 0
+    overall = json.loads(buffer.getvalue().strip().splitlines()[-1])["overall"]
+    base = jobs_ran["evaluate"]["overall"]
+    # a comparison adds numbers; it changes none of this model's own
+    assert overall["gap"] == pytest.approx(base["gap"])
+    for name in ("gap", "gap_at_10", "map"):
+        low, delta, high = (overall[f"vs_previous_{name}{end}"] for end in ("_low", "", "_high"))
+        assert low <= delta <= high
+    text = (workspace / "reports-vs-base" / "t1-test" / "report.md").read_text()
+    assert "## Compared with mumic-base base-v1" in text and "Per-class AP, largest losses first" in text
 
 
 def test_evaluate_scores_keeps_zero_shot_extras_out_of_the_headline_numbers() -> None:

@@ -256,3 +256,25 @@ def test_retrieval_of_same_label_neighbours() -> None:
     out = metrics.retrieval(y, swapped, ks=(1, 4))
     assert out["retrieval_recall_at_1"] == 0.0 and out["retrieval_recall_at_4"] == 1.0
     assert out["retrieval_map"] < 0.6
+
+
+def test_confused_pairs_count_a_class_firing_on_another_class_images() -> None:
+    y = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]], bool)
+    assigned = np.array([[1, 1, 0], [0, 1, 1], [1, 1, 0], [1, 1, 1]], bool)
+    # class 1 fires on two images of class 0 (rows 0, 1); class 2 on rows 1 and 3 (class 0) and row 3 (class 1);
+    # class 0 on row 2 (class 1)
+    assert metrics.confused_pairs(y, assigned) == [(0, 1, 2), (0, 2, 2), (1, 0, 1), (1, 2, 1)]
+    assert metrics.confused_pairs(y, assigned, top=1) == [(0, 1, 2)]
+    assert metrics.confused_pairs(y, y) == []
+
+
+def test_paired_bootstrap_interval_brackets_a_real_difference() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.random((200, 4)) < 0.3
+    weak = y + rng.normal(0, 1.0, y.shape)
+    strong = y + rng.normal(0, 0.3, y.shape)
+    delta, low, high = metrics.paired_bootstrap(y, weak, strong, metrics.gap_at_k, n_boot=100)
+    assert delta == pytest.approx(metrics.gap_at_k(y, strong) - metrics.gap_at_k(y, weak))
+    assert 0.0 < low <= delta <= high
+    same = metrics.paired_bootstrap(y, weak, weak, metrics.gap_at_k, n_boot=20)
+    assert same == (0.0, 0.0, 0.0)

@@ -14,7 +14,7 @@ Conventions, shared by every function here and by the brute-force references in 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from sklearn import metrics as skm
@@ -202,3 +202,37 @@ def retrieval(y_true: np.ndarray, embeddings: np.ndarray, ks: Sequence[int] = (1
     out = {f"retrieval_recall_at_{k}": float(np.mean(v)) if v else float("nan") for k, v in hits.items()}
     out["retrieval_map"] = float(np.mean(aps)) if aps else float("nan")
     return out
+
+
+def confused_pairs(y_true: np.ndarray, assigned: np.ndarray, top: int = 10) -> list[tuple[int, int, int]]:
+    """The most frequent (true class i, wrongly assigned class j, images) triples, most images first.
+
+    An image counts for (i, j) when it is labelled i, not labelled j, and assigned j: class j fires on
+    class i's images. Ties go to the lower (i, j).
+    """
+    y = np.asarray(y_true).astype(bool)
+    wrong = np.asarray(assigned).astype(bool) & ~y
+    counts = y.T.astype(np.int64) @ wrong.astype(np.int64)
+    np.fill_diagonal(counts, 0)
+    order = np.lexsort((np.arange(counts.size), -counts.ravel()))[:top]
+    return [(int(k // counts.shape[1]), int(k % counts.shape[1]), int(counts.flat[k])) for k in order
+            if counts.flat[k] > 0]
+
+
+def paired_bootstrap(y_true: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray,
+                     metric: Callable[[np.ndarray, np.ndarray], float], n_boot: int = 200, ci: float = 0.9,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """metric(b) - metric(a) on the same images, and its bootstrap interval (images resampled jointly)."""
+    y, a, b = np.asarray(y_true), np.asarray(scores_a), np.asarray(scores_b)
+    delta = metric(y, b) - metric(y, a)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(y), len(y))
+        samples.append(metric(y[i], b[i]) - metric(y[i], a[i]))
+    finite = np.array([v for v in samples if not np.isnan(v)])
+    if not finite.size:
+        return float(delta), float("nan"), float("nan")
+    tail = (1.0 - ci) / 2.0
+    low, high = np.quantile(finite, [tail, 1.0 - tail])
+    return float(delta), float(low), float(high)

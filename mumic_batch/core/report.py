@@ -127,6 +127,21 @@ def plot_reliability(confidence: np.ndarray, accuracy: np.ndarray, counts: np.nd
     plt.close(fig)
 
 
+def plot_training_curves(history: Sequence[Mapping[str, float | None]], path: Path) -> None:
+    """Training and validation loss, and validation GAP, per epoch (a fine-tuned manifest's metrics.history)."""
+    epochs = [h["epoch"] + 1 for h in history]
+    fig, (loss_ax, gap_ax) = plt.subplots(1, 2, figsize=(8, 3))
+    for key, label in (("train_loss", "train loss"), ("val_loss", "validation loss")):
+        loss_ax.plot(epochs, [np.nan if h.get(key) is None else h[key] for h in history], label=label)
+    loss_ax.set(xlabel="epoch", ylabel="loss")
+    loss_ax.legend(fontsize=7)
+    gap_ax.plot(epochs, [np.nan if h.get("val_gap") is None else h["val_gap"] for h in history], color="black")
+    gap_ax.set(xlabel="epoch", ylabel="validation GAP")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def pages(classes: Sequence[ClassResult]) -> list[ClassResult]:
     """The classes the charts show: all of them, or with many classes the PAGE_CLASSES worst and best by AP."""
     if len(classes) <= 2 * PAGE_CLASSES:
@@ -148,8 +163,12 @@ def _class_table(classes: Sequence[ClassResult]) -> list[str]:
 
 def write_report(out_dir: str | Path, title: str, meta: Mapping[str, object], overall: Mapping[str, float | None],
                  classes: Sequence[ClassResult], notes: Sequence[str] = (),
-                 calibration: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Path:
-    """Write report.md and its charts (PR curves, AP per class, reliability) into `out_dir`; return its path."""
+                 calibration: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                 extra: Sequence[str] = ()) -> Path:
+    """Write report.md and its charts (PR curves, AP per class, reliability) into `out_dir`; return its path.
+
+    `extra`: Markdown lines appended at the end (sections whose charts the caller wrote into `out_dir`).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shown = pages(classes)
@@ -174,6 +193,7 @@ def write_report(out_dir: str | Path, title: str, meta: Mapping[str, object], ov
         lines += ["## Calibration", "", "Every (image, class) pair of the model's own classes, in 10 probability "
                   "bins (numbers: pairs per bin); ece is the pair-weighted mean gap to the diagonal.", "",
                   f"![Reliability]({RELIABILITY_FILE})", ""]
+    lines += list(extra)
     path = out / REPORT_FILE
     path.write_text("\n".join(lines))
     return path

@@ -23,7 +23,7 @@ from pyspark.sql import SparkSession
 from mumic_batch.config import JobCfg, to_dict
 from mumic_batch.core import metrics
 from mumic_batch.core import status as st
-from mumic_batch.core.report import ClassResult, write_report
+from mumic_batch.core.report import ClassResult, plot_training_curves, write_report
 from mumic_batch.io.fetch import Fetcher
 from mumic_batch.model.artifact import ClassEntry
 from mumic_batch.model.engine import InferenceEngine
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 JOB = "evaluate"
 
+TRAINING_CURVES_FILE = "training_curves.png"
 _FRAME_ROWS = 256  # rows handed to the engine at a time: it prepares one frame while scoring the previous
 
 
@@ -69,15 +70,20 @@ def _evaluate(spark: SparkSession, cfg: JobCfg, record: RunRecord) -> dict:
     classes = calibrated_classes(predictor)
     overall, per_class = evaluate_scores(y, scores[good], classes, len(predictor.manifest.classes),
                                          ev.gap_k, ev.map_classes, ev.majority)
-    overall.update(metrics.retrieval(y[:, :len(predictor.manifest.classes)], embeddings[good]))
+    n_own = len(predictor.manifest.classes)
+    overall.update(metrics.retrieval(y[:, :n_own], embeddings[good]))
+    extra = _confusion_section(y[:, :n_own], scores[good][:, :n_own], classes[:n_own])
+    if ev.previous:
+        deltas, section = compare_previous(cfg, predictor, frame, scores, good)
+        overall.update(deltas)
+        extra += section
     overall["images"], overall["failed_images"] = float(good.sum()), float((~good).sum())
     dataset = ev.dataset or cfg.tables.labels
     evaluated_at = dt.datetime.now(dt.timezone.utc)
     rows = metric_rows(predictor, dataset, ev.split, overall, per_class, record.run_id, evaluated_at)
     append_rows(spark, rows, METRICS, cfg.tables.metrics)
-    y_own, s_own = y[:, :len(predictor.manifest.classes)], scores[good][:, :len(predictor.manifest.classes)]
     report = _report(cfg, predictor, dataset, labels.version, overall, per_class, evaluated_at,
-                     metrics.reliability(y_own, s_own))
+                     metrics.reliability(y[:, :n_own], scores[good][:, :n_own]), extra)
     log.info("evaluated %s %s on %s/%s: %s", predictor.model_name, predictor.model_version, dataset, ev.split,
              {k: round(v, 4) for k, v in overall.items() if v is not None and not math.isnan(v)})
     return _summary(record, cfg, predictor, overall, per_class, report)
@@ -144,6 +150,58 @@ def evaluate_scores(y: np.ndarray, scores: np.ndarray, classes: Sequence[ClassEn
     return overall, per_class
 
 
+def _confusion_section(y: np.ndarray, scores: np.ndarray, classes: Sequence[ClassEntry], top: int = 10) -> list[str]:
+    """Report lines: the class pairs where one class is most often assigned to the other's images."""
+    thresholds = np.array([c.effective_threshold for c in classes])
+    pairs = metrics.confused_pairs(y, scores >= thresholds[None, :], top)
+    lines = ["## Most confused class pairs", "",
+             "Images labelled with the first class, not the second, yet assigned the second.", ""]
+    if not pairs:
+        return lines + ["No class is assigned to another class's images.", ""]
+    lines += ["| labelled | wrongly assigned | images |", "|---|---|---|"]
+    lines += [f"| {classes[i].name} | {classes[j].name} | {n} |" for i, j, n in pairs]
+    return lines + [""]
+
+
+def compare_previous(cfg: JobCfg, predictor: Predictor, frame: pd.DataFrame, scores: np.ndarray,
+                     good: np.ndarray) -> tuple[dict[str, float], list[str]]:
+    """The model against evaluate.previous on the same images: deltas with paired bootstrap intervals.
+
+    Over the classes both models have (their own, not zero-shot extras); overall GAP@k, GAP and mAP (the
+    evaluate.majority best-supported shared classes), and per-class AP. Positive deltas: this model is better.
+    """
+    ev = cfg.evaluate
+    previous = Predictor.load(ev.previous, device=cfg.infer.device, precision=cfg.infer.precision)
+    prev_scores, _, prev_ok = score(previous, frame, cfg)
+    both = good & (prev_ok["status"] == st.OK).to_numpy()
+    own = predictor.class_names[:len(predictor.manifest.classes)]
+    shared = [n for n in own if n in previous.class_names]
+    a = prev_scores[both][:, [previous.class_names.index(n) for n in shared]]
+    b = scores[both][:, [predictor.class_names.index(n) for n in shared]]
+    y = multi_hot(list(frame.loc[both, ev.label_column]), shared)
+    subset = map_class_indices(y, shared, ev.map_classes, ev.majority)
+    overall_metrics = {f"gap_at_{ev.gap_k}": lambda t, s: metrics.gap_at_k(t, s, ev.gap_k), "gap": metrics.gap_at_k,
+                       "map": lambda t, s: metrics.macro_map(t, s, subset)}
+    out: dict[str, float] = {}
+    lines = [f"## Compared with {previous.model_name} {previous.model_version}", "",
+             f"{int(both.sum())} images both models scored, {len(shared)} shared classes; delta = this model - "
+             f"previous, with a 90% paired bootstrap interval (images resampled jointly).", "",
+             "| metric | previous | this | delta | 90% interval |", "|---|---|---|---|---|"]
+    for name, fn in overall_metrics.items():
+        delta, low, high = metrics.paired_bootstrap(y, a, b, fn)
+        out.update({f"vs_previous_{name}": delta, f"vs_previous_{name}_low": low, f"vs_previous_{name}_high": high})
+        lines.append(f"| {name} | {fn(y, a):.4f} | {fn(y, b):.4f} | {delta:+.4f} | {low:+.4f} .. {high:+.4f} |")
+    per_class = []
+    for j, name in enumerate(shared):
+        if y[:, j].any():
+            ap = lambda t, s, j=j: metrics.average_precision(t[:, j], s[:, j])  # noqa: E731
+            per_class.append((name, *metrics.paired_bootstrap(y, a, b, ap, n_boot=100)))
+    per_class.sort(key=lambda row: row[1])
+    lines += ["", "Per-class AP, largest losses first:", "", "| class | AP delta | 90% interval |", "|---|---|---|"]
+    lines += [f"| {n} | {d:+.3f} | {lo:+.3f} .. {hi:+.3f} |" for n, d, lo, hi in per_class]
+    return out, lines + [""]
+
+
 def _class_result(entry: ClassEntry, y: np.ndarray, s: np.ndarray, precision: float, recall: float,
                   assigned_rate: float) -> ClassResult:
     curve_p, curve_r, _ = metrics.precision_recall_curve(y, s)
@@ -183,7 +241,7 @@ def metric_rows(predictor: Predictor, dataset: str, split: str, overall: dict[st
 
 def _report(cfg: JobCfg, predictor: Predictor, dataset: str, version: int | None, overall: dict[str, float],
             per_class: Sequence[ClassResult], evaluated_at: dt.datetime,
-            calibration: tuple[np.ndarray, np.ndarray, np.ndarray]) -> Path:
+            calibration: tuple[np.ndarray, np.ndarray, np.ndarray], extra: list[str]) -> Path:
     ev = cfg.evaluate
     out = Path(ev.report_dir) / f"{predictor.model_version}-{ev.split}"
     meta = {"model": f"{predictor.model_name} {predictor.model_version} ({cfg.model.artifact})",
@@ -194,8 +252,13 @@ def _report(cfg: JobCfg, predictor: Predictor, dataset: str, version: int | None
              "map averages the classes listed in evaluate.map_classes or the evaluate.majority classes with the "
              "most positives (map_all: every class with a positive). zero_shot_* summarise the model.zero_shot "
              "classes, scored from their prompts only; compare each one's AP with its prevalence (chance)."]
+    history = predictor.manifest.metrics.get("history")
+    if history:
+        out.mkdir(parents=True, exist_ok=True)
+        plot_training_curves(history, out / TRAINING_CURVES_FILE)
+        extra = extra + ["## Training curves", "", f"![Training curves]({TRAINING_CURVES_FILE})", ""]
     return write_report(out, f"Evaluation of {predictor.model_name} {predictor.model_version}", meta, overall,
-                        per_class, notes, calibration)
+                        per_class, notes, calibration, extra)
 
 
 def _summary(record: RunRecord, cfg: JobCfg, predictor: Predictor, overall: dict[str, float],

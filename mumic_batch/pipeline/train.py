@@ -92,7 +92,7 @@ def _train(spark, cfg: JobCfg, record: RunRecord) -> dict:
                      rows=int(train.pixels.shape[0]), val_rows=int(val.pixels.shape[0]),
                      label_column=tc.label_column, base=base_ref)
     fit_metrics = {"val": val_metrics, **_fit_summary(result), "wise_alpha": tc.wise_alpha,
-                   "zero_shot": {e.name: e.to_dict() for e in zero_shot}}
+                   "zero_shot": {e.name: e.to_dict() for e in zero_shot}, "history": _history(result)}
     manifest = save_artifact(out, clf.model, name=tc.name, version=version, classes=entries, training_data=ref,
                              metrics=fit_metrics, overwrite=tc.overwrite)
     return {"job": JOB, "run_id": record.run_id, "model": out, "name": manifest.name, "version": manifest.version,
@@ -197,6 +197,11 @@ def _zero_shot_entries(clf: Classifier, val: LabelledSet, val_rows: pd.DataFrame
     probs = predict(Classifier(clf.model, [z.prompt for z in zs]), val.pixels, device, tc.precision)
     prompts = [ClassPromptCfg(z.name, z.prompt) for z in zs]
     return class_entries(prompts, y[:, labelled], probs, tc, zero_shot=True)
+
+
+def _history(result: FitResult) -> list[dict]:
+    """Per-epoch training curves for the manifest (JSON has no NaN: null instead)."""
+    return [{k: _finite(v) if isinstance(v, float) else v for k, v in h.items()} for h in result.history]
 
 
 def _fit_summary(result: FitResult) -> dict:
