@@ -23,8 +23,8 @@ import torch
 from mumic_batch.config import ClassPromptCfg, JobCfg, TrainCfg, to_dict
 from mumic_batch.core import metrics
 from mumic_batch.core import status as st
-from mumic_batch.core.thresholds import choose_thresholds
 from mumic_batch.core.preprocess import PreprocessSpec
+from mumic_batch.core.thresholds import choose_thresholds
 from mumic_batch.model.artifact import ClassEntry, save_artifact
 from mumic_batch.model.backbone import preprocess_spec
 from mumic_batch.model.base import load_base
@@ -174,7 +174,7 @@ def class_entries(classes: Sequence[ClassPromptCfg], y: np.ndarray, probs: np.nd
             auc=_finite(metrics.roc_auc(y[:, j], probs[:, j])), expected_precision=_finite(t.precision),
             precision_low=_finite(t.precision_low), precision_high=_finite(t.precision_high),
             expected_recall=_finite(t.recall), recall_low=_finite(t.recall_low), recall_high=_finite(t.recall_high)))
-        log.info("class %s: %s %s", c.name, f"threshold {t.threshold:.3f}" if t.assign else "", t.note)
+        log.info("class %s: %s", c.name, f"threshold {t.threshold:.3f} ({t.note})" if t.assign else t.note)
     return entries
 
 
