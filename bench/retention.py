@@ -8,7 +8,7 @@ Fine-tuning the image tower makes the model forget what its base knew about clas
 2. fine-tune it once per method (the config's train section with the method's changes) and score each
    fine-tuned model, and its WiSE-FT interpolations, on the test split: GAP@k, GAP and mAP over the
    fine-tuning classes (clean labels), ROC AUC of each zero-shot holdout class from its prompt, and
-   validation GAP.
+   validation GAP; and the threshold check of the demo (thresholds chosen on validation, checked on test).
 
 Methods: the default (image tower), both towers at a lower rate, feature preservation (an L2 penalty
 between the fine-tuned and the base image embeddings, train.preserve), partial tuning of the image
@@ -35,12 +35,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from ablation import load_sample, machine, mean_std_table, pretrained_base  # noqa: E402
 from wise_ft import score, split_data  # noqa: E402
 
 from mumic_batch.config import JobCfg, load_config  # noqa: E402
 from mumic_batch.core import metrics  # noqa: E402
+from mumic_batch.core.thresholds import choose_thresholds  # noqa: E402
 from mumic_batch.model.base import set_bias  # noqa: E402
 from mumic_batch.model.train import Classifier, fit, predict, tower_weights, wise_ft  # noqa: E402
 
@@ -71,10 +73,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def scores(clf: Classifier, data: dict) -> dict[str, float]:
-    """bench/wise_ft.py's scores plus test GAP over all fine-tuning classes."""
+def scores(clf: Classifier, data: dict, target: float) -> dict[str, float]:
+    """bench/wise_ft.py's scores, test GAP over all fine-tuning classes, and the threshold check.
+
+    Thresholds come from the validation split as jobs/train.py chooses them; on the test split, `misses`
+    counts the assigned classes with test AP >= 0.8 whose precision is more than 0.1 off the target, and
+    `over` the classes assigned to more than twice their test prevalence (the demo's goals).
+    """
     out = score(clf, data, data["k"])
-    out["gap"] = metrics.gap_at_k(data["test_y"], predict(clf, data["test_pixels"], CPU, "fp32"))
+    probs = predict(clf, data["test_pixels"], CPU, "fp32")
+    out["gap"] = metrics.gap_at_k(data["test_y"], probs)
+    val_probs = predict(clf, data["val"].pixels, CPU, "fp32")
+    choices = choose_thresholds(data["val"].targets.numpy(), val_probs, target)
+    thresholds = np.array([c.threshold if c.assign else np.inf for c in choices])
+    precision, _ = metrics.precision_recall_at(data["test_y"], probs, thresholds)
+    aps = metrics.per_class_ap(data["test_y"], probs)
+    assigned = (probs >= thresholds).mean(axis=0)
+    out["misses"] = float(sum(c.assign and ap >= 0.8 and not abs(p - target) <= 0.1
+                              for c, ap, p in zip(choices, aps, precision)))
+    out["over"] = float(np.sum(assigned > 2.0 * data["test_y"].mean(axis=0)))
+    out["assigned"] = float(sum(c.assign for c in choices))
     return out
 
 
@@ -87,7 +105,8 @@ def sweep(cfg: JobCfg, args: argparse.Namespace, work: Path) -> dict[str, list[d
         model = pretrained_base(cfg, labels, pixels, seed)
         set_bias(model, tcfg.bias, tcfg.init_bias)
         base = tower_weights(model)
-        results["base (no fine-tuning)"].append(scores(Classifier(copy.deepcopy(model), data["prompts"]), data))
+        results["base (no fine-tuning)"].append(scores(Classifier(copy.deepcopy(model), data["prompts"]), data,
+                                                         tcfg.target_precision))
         for name in args.methods:
             changes, alphas = METHODS[name]
             clf = Classifier(copy.deepcopy(model), data["prompts"])
@@ -98,7 +117,7 @@ def sweep(cfg: JobCfg, args: argparse.Namespace, work: Path) -> dict[str, list[d
                 mixed = copy.deepcopy(clf)
                 wise_ft(mixed.model, base, alpha)
                 row = f"{name}" + ("" if alpha == 1.0 else f" + WiSE {alpha}")
-                results.setdefault(row, []).append({**scores(mixed, data), "seconds": seconds})
+                results.setdefault(row, []).append({**scores(mixed, data, tcfg.target_precision), "seconds": seconds})
                 log.info("seed %d, %s: %s", seed, row, {k: round(v, 4) for k, v in results[row][-1].items()})
             if args.partial:
                 Path(args.partial).write_text(json.dumps(results))
@@ -106,8 +125,10 @@ def sweep(cfg: JobCfg, args: argparse.Namespace, work: Path) -> dict[str, list[d
 
 
 def table(results: dict[str, list[dict[str, float]]], k: int) -> str:
-    cols = [f"gap_at_{k}", "gap", "map", "auc_purple", "auc_striped_background", "val_gap"]
-    titles = [f"test GAP@{k}", "test GAP", "test mAP", "purple AUC", "striped_background AUC", "val GAP"]
+    cols = [f"gap_at_{k}", "gap", "map", "auc_purple", "auc_striped_background", "val_gap", "assigned", "misses",
+            "over"]
+    titles = [f"test GAP@{k}", "test GAP", "test mAP", "purple AUC", "striped_background AUC", "val GAP",
+              "classes assigned", "precision off target", "over-assigned"]
     return mean_std_table("method", titles, cols, results)
 
 
