@@ -16,6 +16,7 @@ from mumic_batch.model import train as train_mod
 from mumic_batch.model.backbone import named_architecture, preprocess_spec
 from mumic_batch.model.base import set_bias
 from mumic_batch.model.images import load_pixels
+from mumic_batch.model.losses import feature_preservation
 from mumic_batch.model.mumic import MuMIC, build_mumic
 from mumic_batch.model.pretrain import PairSet, pretrain
 from mumic_batch.model.train import Classifier, LabelledSet, fit
@@ -251,3 +252,17 @@ def test_feature_preservation_keeps_image_embeddings_near_the_base(sample, pretr
         with torch.no_grad():
             drift[preserve] = float((clf.model.encode_images(val.pixels) - start).pow(2).sum(-1).mean())
     assert drift[50.0] < 0.5 * drift[0.0], drift
+
+
+def test_feature_preservation_compares_like_with_like_at_the_first_step() -> None:
+    """The base copy normalises in the same mode as the training tower and never updates its statistics."""
+    visual = build_mumic(named_architecture("demo"), seed=0).backbone.visual.train()
+    base = train_mod._frozen_copy(visual)
+    stats = {k: v.clone() for k, v in base.state_dict().items()}
+    pixels = torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        penalty = feature_preservation(torch.nn.functional.normalize(visual(pixels), dim=-1),
+                                       torch.nn.functional.normalize(train_mod._like(base, visual)(pixels), dim=-1))
+    assert penalty.item() == 0.0
+    assert all(torch.equal(stats[k], v) for k, v in base.state_dict().items() if "num_batches" not in k)
+    assert not any(p.requires_grad for p in base.parameters())

@@ -190,6 +190,27 @@ def _train_mode(clf: Classifier, image_trains: bool) -> None:
             module.eval()  # a frozen layer (partial tuning) keeps its BatchNorm statistics as well
 
 
+def _frozen_copy(visual: nn.Module) -> nn.Module:
+    """The base image tower for feature preservation: no gradients, BatchNorm statistics never updated."""
+    base = copy.deepcopy(visual)
+    base.requires_grad_(False)
+    for module in base.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = 0.0  # in train mode it normalises with batch statistics, but never stores them
+    return base
+
+
+def _like(base: nn.Module, visual: nn.Module) -> nn.Module:
+    """`base` with every module in the train/eval mode of its counterpart in `visual`.
+
+    Batch statistics in one and running statistics in the other would make the penalty nonzero at the
+    very first step, with identical weights; matched modes compare like with like.
+    """
+    for base_module, module in zip(base.modules(), visual.modules()):
+        base_module.training = module.training
+    return base
+
+
 def _frozen(clf: Classifier, train: LabelledSet, val: LabelledSet, image: bool, text: bool, cfg: TrainCfg,
             device: torch.device) -> _Frozen:
     """Precompute what frozen towers produce: image embeddings of both splits, or the class embeddings."""
@@ -239,7 +260,8 @@ def _run_epoch(clf: Classifier, data: LabelledSet, frozen: _Frozen, cfg: TrainCf
             class_emb = frozen.classes if fixed else clf.class_embeddings()
             if frozen.base_visual is not None:
                 with torch.no_grad():
-                    base_emb = F.normalize(frozen.base_visual(pixels).float(), dim=-1)
+                    base_emb = F.normalize(_like(frozen.base_visual, clf.model.backbone.visual)(pixels).float(),
+                                           dim=-1)
         logits = clf.logits(image_emb, class_emb).float()
         mask = None if data.mask is None else data.mask[idx].to(device)
         loss = loss_fn(logits, data.targets[idx].to(device), mask)
@@ -294,9 +316,7 @@ def fit(clf: Classifier, train: LabelledSet, val: LabelledSet, cfg: TrainCfg, de
     image, text = _towers(clf, cfg)
     optimizer = _optimizer(clf, cfg)
     # Copied before a checkpoint is restored: the penalty pulls towards the base, not a half-trained model.
-    base_visual = copy.deepcopy(clf.model.backbone.visual).eval() if cfg.preserve > 0 and image else None
-    if base_visual is not None:
-        base_visual.requires_grad_(False)
+    base_visual = _frozen_copy(clf.model.backbone.visual) if cfg.preserve > 0 and image else None
     steps_per_epoch = math.ceil(train.pixels.shape[0] / cfg.batch_size)
     scheduler = warmup_cosine(optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_steps)
     ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
