@@ -91,3 +91,12 @@ def test_class_entries_keep_their_validation_fields_through_the_manifest(tmp_pat
     # an entry without validation fields is written exactly as older manifests have it
     assert on_disk[0] == {"name": "red", "prompt": "a photo of something red", "threshold": 0.4, "zero_shot": False}
     assert on_disk[2]["assign"] is False and dropped.effective_threshold == math.inf
+
+
+def test_a_threshold_shrunk_above_every_positive_gives_no_label() -> None:
+    y = np.zeros(40, bool)
+    y[:6] = True
+    s = np.where(y, 0.3, 0.1)  # separable, but every score is far below the global threshold
+    assert choose_threshold(y, s, 0.8, global_t=0.99, shrinkage=0.0).assign
+    choice = choose_threshold(y, s, 0.8, global_t=0.99, shrinkage=1e6)
+    assert not choice.assign and "above every validation positive" in choice.note

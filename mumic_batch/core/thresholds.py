@@ -10,7 +10,8 @@ be assigned to most of the catalogue. What is done instead, per class:
   median of the resampled thresholds (a bagged estimate, far less noisy than one split's);
 - **shrinkage**: that threshold moves towards the global one (the rule over all classes' pairs pooled), in
   logit space, with weight support / (support + shrinkage): few positives, more of the global threshold;
-- **expected precision/recall**: their median and `ci` interval over the resamples, at the final threshold.
+- **expected precision/recall**: their median and `ci` interval over the resamples, at the final threshold
+  (a class whose final threshold is above every validation positive gets no label: it promises nothing).
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ def choose_threshold(y_true_col: np.ndarray, scores_col: np.ndarray, target_prec
         weight = support / (support + shrinkage)
         threshold = _sigmoid(weight * _logit(own) + (1.0 - weight) * _logit(global_t))
         note += f", shrunk {1.0 - weight:.2f} towards the global {global_t:.3f}"
+    if not (s[y] >= threshold).any():
+        return ThresholdChoice(1.0, False, f"no label: {note} puts the threshold {threshold:.3f} above every "
+                               "validation positive", support, reach_rate, *([math.nan] * 6))
     pairs = [_precision_recall(y[i], s[i], threshold) for i in samples]
     precision = _interval([p for p, _ in pairs], ci)
     recall = _interval([r for _, r in pairs], ci)
