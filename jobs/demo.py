@@ -5,7 +5,9 @@ model zero-shot, fine-tune MuMIC, evaluate the fine-tuned model, tag the catalog
 nothing to do) and run SQL over the tables. Each step is a job run as its own process; its command line
 is printed first so it can be repeated by hand. The demo checks one prediction row per catalogue image,
 an empty rerun, and that the fine-tuned model is clearly ahead of the zero-shot base model on the test
-split. The last stdout line is a JSON object with the table and model paths and the step command lines.
+split; it prints both models (with holdout AUC, calibration and embedding retrieval) and whether the
+fine-tuned model's thresholds held on the test split. The last stdout line is a JSON object with the
+table and model paths and the step command lines.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import time
 CONFIG = "conf/local.yaml"
 BASE_MODEL = "data/models/base"  # pretrain.out in conf/local.yaml
 MIN_GAIN = 0.10  # "clearly ahead": fine-tuned test GAP@10 at least this much above the zero-shot base model's
+STRONG_AP = 0.8  # the threshold goal covers classes the model ranks well: test AP at least this
+PRECISION_TOLERANCE = 0.1  # test precision within this of the class's target
+OVER_ASSIGNED = 2.0  # no class assigned to more than this times its test prevalence
 
 
 def queries(version: str) -> list[str]:
@@ -80,15 +85,52 @@ def check(condition: bool, message: str) -> None:
 def compare(base: dict, tuned: dict) -> tuple[float, float]:
     """Print the zero-shot base model next to the fine-tuned one (test split); return both GAP@10s."""
     print("\nTest split, the model's own classes (zero-shot base = pretrained stand-in, prompts only):")
-    print(f"  {'model':<42} {'GAP@10':>7} {'GAP':>7} {'mAP':>7}")
+    print(f"  {'model':<42} {'GAP@10':>7} {'GAP':>7} {'mAP':>7} {'ECE':>7} {'nbr mAP':>8} {'nbr R@1':>8}")
     for label, result in (("zero-shot base " + base["version"], base), ("fine-tuned " + tuned["version"], tuned)):
         o = result["overall"]
-        print(f"  {label:<42} {o['gap_at_10']:>7.3f} {o['gap']:>7.3f} {o['map']:>7.3f}")
+        print(f"  {label:<42} {o['gap_at_10']:>7.3f} {o['gap']:>7.3f} {o['map']:>7.3f} {o['ece']:>7.3f} "
+              f"{o['retrieval_map']:>8.3f} {o['retrieval_recall_at_1']:>8.3f}")
+    print("  (ECE: calibration error over all image x class pairs; nbr: embedding neighbours sharing a label)")
     print("Holdout classes (never in fine-tuning), scored zero-shot from their prompts: ROC AUC (0.5 = chance)")
     for name, zs in base["zero_shot"].items():
         after = tuned["zero_shot"].get(name, {})
         print(f"  {name:<24} base {zs['auc']:.3f}   fine-tuned {after.get('auc', float('nan')):.3f}")
     return base["overall"]["gap_at_10"], tuned["overall"]["gap_at_10"]
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def threshold_check(tuned: dict) -> tuple[list[str], list[str]]:
+    """Print whether the thresholds held on the test split; return (precision misses, over-assigned classes).
+
+    The goal (docs/learning.md): every class with test AP >= STRONG_AP that is assigned has test precision
+    within PRECISION_TOLERANCE of its target, and no class is assigned to more than OVER_ASSIGNED x its prevalence.
+    """
+    classes = tuned["classes"]
+    print(f"\nThresholds on the test split ({sum(c['assign'] for c in classes.values())} of {len(classes)} classes "
+          "assigned; 'none': too few or too unreliable validation positives, the class gets no label):")
+    print(f"  {'class':<24} {'AP':>6} {'target':>7} {'precision':>10} {'assigned':>9} {'prevalence':>11}  check")
+    misses, over = [], []
+    for name, c in classes.items():
+        ap, precision, target = c["ap"], c["precision"], c["target_precision"]
+        rate, prevalence = c["assigned_rate"] or 0.0, c["prevalence"] or 0.0
+        notes = []
+        if (c["assign"] and ap is not None and ap >= STRONG_AP and target is not None
+                and (precision is None or abs(precision - target) > PRECISION_TOLERANCE)):
+            misses.append(name)
+            notes.append("precision off target")
+        if rate > OVER_ASSIGNED * prevalence:
+            over.append(name)
+            notes.append("over-assigned")
+        label, goal = name + (" *" if c["zero_shot"] else ""), _fmt(target) if c["assign"] else "none"
+        print(f"  {label:<24} {_fmt(ap):>6} {goal:>7} {_fmt(precision):>10} {_fmt(rate):>9} {_fmt(prevalence):>11}  "
+              f"{', '.join(notes) or 'ok'}")
+    print(f"  goal: classes with AP >= {STRONG_AP} within {PRECISION_TOLERANCE} of their target precision: "
+          f"{'met' if not misses else 'missed by ' + ', '.join(misses)}; none assigned above "
+          f"{OVER_ASSIGNED:g}x prevalence: {'met' if not over else 'missed by ' + ', '.join(over)}  (* zero-shot)")
+    return misses, over
 
 
 def main() -> int:
@@ -98,6 +140,7 @@ def main() -> int:
     commands["query"] = query_command(version)
     results["query"] = run_step("query", commands["query"])
     zero_shot, tuned = compare(results["evaluate_base"], results["evaluate"])
+    misses, over = threshold_check(results["evaluate"])
     first, rerun = results["tag_images"], results["tag_images_rerun"]
     total = sum(r["rows"] for r in results["query"]["results"][1])
     check(total == first["input_rows"], f"predictions hold {total} rows for {version}, the catalogue {first['input_rows']}")
@@ -113,6 +156,7 @@ def main() -> int:
         "metrics": results["evaluate"]["metrics"],
         "reports": [results["evaluate_base"]["report"], results["evaluate"]["report"]],
         "gap_at_10": {"zero_shot_base": zero_shot, "fine_tuned": tuned},
+        "threshold_check": {"precision_off_target": misses, "over_assigned": over},
         "commands": {name: shlex.join(cmd) for name, cmd in commands.items()},
     }))
     return 0

@@ -249,6 +249,7 @@ class TrainCfg:
     train_split: str = "train"  # labels-table split trained on
     val_split: str = "val"  # split for early stopping and thresholds
     towers: str = "image"  # towers that train: image | text | both | none (temperature and bias only)
+    image_groups: int = 0  # partial tuning: train only the image tower's last n groups (blocks; 0: all of it)
     lr_image: float = 2e-3  # peak learning rate of the image tower (demo scale; ~1e-5 for a real CLIP)
     lr_text: float = 1e-4  # peak learning rate of the text tower (~1e-6 for a real CLIP)
     lr_head: float = 1e-2  # peak learning rate of the log temperature and the bias
@@ -267,6 +268,11 @@ class TrainCfg:
     checkpoint_every: int = 5  # epochs between checkpoints (0: no checkpoints)
     resume: bool = True  # continue from a checkpoint of the same run (same config, base and data) if present
     target_precision: float = 0.8  # per-class threshold: lowest validation score whose precision reaches this
+    threshold_min_support: int = 5  # a class with fewer validation positives gets no label (fallback)
+    threshold_bootstrap: int = 200  # validation resamples behind each threshold and its expected precision/recall
+    threshold_shrinkage: float = 10.0  # pseudo-positives pulling a class's threshold towards the global one (0: none)
+    threshold_ci: float = 0.9  # coverage of the expected precision/recall intervals in the manifest
+    preserve: float = 0.0  # feature preservation: weight of the mean squared distance to the base's image embeddings
     wise_alpha: float = 1.0  # WiSE-FT: saved towers = (1 - a) * base + a * fine-tuned; < 1 keeps more zero-shot ability
     seed: int = 0  # seed of the batch order and the augmentation
     device: str = "auto"  # auto | cpu | cuda
@@ -284,7 +290,12 @@ class TrainCfg:
         _require(self.patience >= 0 and self.checkpoint_every >= 0, "train.patience",
                  "and train.checkpoint_every must be >= 0")
         _require(0.0 < self.target_precision <= 1.0, "train.target_precision", "must be in (0, 1]")
+        _require(self.threshold_min_support >= 1 and self.threshold_bootstrap >= 1, "train.threshold_min_support",
+                 "and train.threshold_bootstrap must be >= 1")
+        _require(self.threshold_shrinkage >= 0, "train.threshold_shrinkage", "must be >= 0")
+        _require(0.0 < self.threshold_ci < 1.0, "train.threshold_ci", "must be in (0, 1)")
         _require(0.0 <= self.wise_alpha <= 1.0, "train.wise_alpha", "must be in [0, 1]")
+        _require(self.preserve >= 0 and self.image_groups >= 0, "train.preserve", "and train.image_groups must be >= 0")
         _require(not self.clip_weights or bool(self.architecture), "train.architecture",
                  "must name the architecture of train.clip_weights")
         _require(self.train_split != self.val_split, "train.val_split", "must differ from train.train_split")
@@ -301,6 +312,7 @@ class EvaluateCfg:
     map_classes: tuple[str, ...] = ()  # classes of the macro mAP (empty: the evaluate.majority most frequent)
     majority: int = 8  # how many classes, by support in the split, the default macro mAP averages
     report_dir: str = "data/out/reports"  # the Markdown report goes to <report_dir>/<model_version>-<split>/
+    previous: str = ""  # artifact of the previous model version: the report compares both on the same images
 
     def __post_init__(self) -> None:
         _require(self.gap_k >= 1, "evaluate.gap_k", "must be >= 1")

@@ -16,6 +16,7 @@ from mumic_batch.model import train as train_mod
 from mumic_batch.model.backbone import named_architecture, preprocess_spec
 from mumic_batch.model.base import set_bias
 from mumic_batch.model.images import load_pixels
+from mumic_batch.model.losses import feature_preservation
 from mumic_batch.model.mumic import MuMIC, build_mumic
 from mumic_batch.model.pretrain import PairSet, pretrain
 from mumic_batch.model.train import Classifier, LabelledSet, fit
@@ -220,3 +221,48 @@ def test_masked_pairs_do_not_change_training(sample, pretrained) -> None:
         fit(clf, LabelledSet(train.pixels, targets, mask), val, cfg, CPU)
         runs.append(_state(clf))
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_partial_tuning_trains_only_the_last_image_groups(sample, pretrained) -> None:
+    base, _ = pretrained
+    train, val = _small_sets(sample, 64, 32)
+    groups = train_mod.image_groups(base.backbone.visual)
+    assert [g[0].split(".")[0] for g in groups[1:]] == ["layer1", "layer2", "layer3", "layer4", "attnpool"]
+    cfg = TrainCfg(epochs=1, batch_size=32, image_groups=2, checkpoint_every=0)
+    clf = _classifier(base, cfg)
+    before = _state(clf)
+    fit(clf, train, val, cfg, CPU)
+    after = _state(clf)
+    changed = {k.split(".")[3] for k in before if k.startswith("model.backbone.visual.")
+               and not torch.equal(before[k], after[k])}
+    # Frozen layers keep their BatchNorm statistics too: nothing before layer4 moves.
+    assert changed == {"layer4", "attnpool"}
+
+
+def test_feature_preservation_keeps_image_embeddings_near_the_base(sample, pretrained) -> None:
+    base, _ = pretrained
+    train, val = _small_sets(sample, 96, 48)
+    with torch.no_grad():
+        start = base.encode_images(val.pixels)
+    drift = {}
+    for preserve in (0.0, 50.0):
+        cfg = TrainCfg(epochs=3, batch_size=32, checkpoint_every=0, patience=0, preserve=preserve)
+        clf = _classifier(base, cfg)
+        fit(clf, train, val, cfg, CPU)
+        with torch.no_grad():
+            drift[preserve] = float((clf.model.encode_images(val.pixels) - start).pow(2).sum(-1).mean())
+    assert drift[50.0] < 0.5 * drift[0.0], drift
+
+
+def test_feature_preservation_compares_like_with_like_at_the_first_step() -> None:
+    """The base copy normalises in the same mode as the training tower and never updates its statistics."""
+    visual = build_mumic(named_architecture("demo"), seed=0).backbone.visual.train()
+    base = train_mod._frozen_copy(visual)
+    stats = {k: v.clone() for k, v in base.state_dict().items()}
+    pixels = torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        penalty = feature_preservation(torch.nn.functional.normalize(visual(pixels), dim=-1),
+                                       torch.nn.functional.normalize(train_mod._like(base, visual)(pixels), dim=-1))
+    assert penalty.item() == 0.0
+    assert all(torch.equal(stats[k], v) for k, v in base.state_dict().items() if "num_batches" not in k)
+    assert not any(p.requires_grad for p in base.parameters())

@@ -18,6 +18,7 @@ from jobs import train as train_job
 from mumic_batch.config import DecodeCfg, FetchCfg, SampleCfg
 from mumic_batch.core import metrics
 from mumic_batch.core.sample import CLASSES, HOLDOUTS, fine_tune_classes
+from mumic_batch.core.thresholds import choose_thresholds
 from mumic_batch.model.artifact import ClassEntry, read_manifest
 from mumic_batch.model.images import load_pixels
 from mumic_batch.model.predictor import Predictor
@@ -78,18 +79,33 @@ def test_trained_artifact_manifest_carries_classes_thresholds_metrics_and_data(w
     assert data["delta_version"] == 0 and data["split"] == "train" and data["val_split"] == "val"
     assert data["seed"] == TRAIN_SEED and data["rows"] == jobs_ran["train"]["train_rows"] == 84
     assert data["base"]["artifact"] == str(workspace / "base")
-    assert set(manifest.metrics["val"]) == {"gap", "gap_at_10", "map"}
+    assert set(manifest.metrics["val"]) == {"gap", "gap_at_10", "map", "assigned_classes"}
     assert 0.0 < manifest.metrics["val"]["gap"] <= 1.0 and manifest.metrics["epochs_run"] == 3
     assert manifest.metrics["wise_alpha"] == 0.5
-    # The thresholds are the lowest validation scores reaching the target precision of the saved
-    # (here WiSE-FT-interpolated) weights: recompute them from the artifact.
-    labels = spark.read.format("delta").load(str(workspace / "sample" / "labels")).where("split = 'val'").toPandas()
+    # The thresholds are chosen (core.thresholds) on the validation scores of the saved (here
+    # WiSE-FT-interpolated) weights: recompute them from the artifact.
+    labels = spark.read.format("delta").load(str(workspace / "sample" / "labels")).where("split = 'val'")
+    labels = labels.orderBy("image_id").toPandas()  # the job's row order: the bootstrap resamples by row
     predictor = Predictor.load(str(workspace / "tuned"), device="cpu")
     loaded = load_pixels(list(labels["uri"]), predictor.spec, FetchCfg(allowed_schemes=("file",)), DecodeCfg())
     probs, _ = predictor.predict(loaded.pixels)
     y = np.array([[name in row for name, _ in expected] for row in labels["labels"]])
-    recomputed = metrics.class_thresholds(y, probs, 0.8)
-    np.testing.assert_allclose([c.threshold for c in manifest.classes], recomputed, atol=1e-4)
+    recomputed = choose_thresholds(y, probs, 0.8, seed=TRAIN_SEED)
+    np.testing.assert_allclose([c.threshold for c in manifest.classes], [t.threshold for t in recomputed], atol=1e-4)
+    assert [c.assign for c in manifest.classes] == [t.assign for t in recomputed]
+    assert manifest.metrics["val"]["assigned_classes"] == sum(t.assign for t in recomputed)
+    for c, t in zip(manifest.classes, recomputed):
+        assert c.support == t.support == int(y[:, [n for n, _ in expected].index(c.name)].sum())
+        assert c.target_precision == 0.8 and c.note == t.note
+        if c.assign:
+            assert c.precision_low <= c.expected_precision <= c.precision_high
+    # Zero-shot classes labelled in validation: the threshold and AUC their prompts earn on this model.
+    holdout_y = np.array([[name in row for name in sorted(HOLDOUTS)] for row in labels["labels"]])
+    zero_shot = manifest.metrics["zero_shot"]
+    assert set(zero_shot) == {n for j, n in enumerate(sorted(HOLDOUTS)) if holdout_y[:, j].any()}
+    for name, entry in zero_shot.items():
+        assert entry["zero_shot"] and entry["target_precision"] == 0.8
+        assert entry["support"] == int(holdout_y[:, sorted(HOLDOUTS).index(name)].sum())
 
 
 def test_base_artifact_marks_its_prompt_classes_zero_shot(workspace, jobs_ran) -> None:
@@ -118,14 +134,35 @@ def test_evaluate_writes_metrics_table_and_report(workspace, jobs_ran, spark) ->
     for name in HOLDOUTS:
         assert per_class[(name, "ap")]["zero_shot"] is True
     assert per_class[("digit_1", "ap")]["zero_shot"] is False
-    assert {m for (_, m) in per_class} == {"ap", "auc", "support", "prevalence", "threshold", "precision", "recall"}
+    assert {m for (_, m) in per_class} == {"ap", "auc", "support", "prevalence", "threshold", "precision", "recall",
+                                           "assigned_rate", "assign", "target_precision"}
+    assert {"ece", "retrieval_recall_at_1", "retrieval_recall_at_5", "retrieval_map", "assigned_classes",
+            "worse_than_chance", "threshold_misses_target", "over_assigned"} <= set(overall)
     report = Path(summary["report"])
     assert report.name == "report.md" and report.parent.name == "t1-test"
     text = report.read_text()
-    assert "pr_curves.png" in text and "ap_per_class.png" in text and "purple" in text
-    for png in ("pr_curves.png", "ap_per_class.png"):
+    assert "pr_curves.png" in text and "ap_per_class.png" in text and "purple" in text and "## Flags" in text
+    assert "## Most confused class pairs" in text and "## Training curves" in text
+    for png in ("pr_curves.png", "ap_per_class.png", "reliability.png", "training_curves.png"):
         with Image.open(report.parent / png) as image:
             assert image.format == "PNG" and image.width > 300
+
+
+def test_evaluate_compares_with_a_previous_version_on_the_same_images(workspace, jobs_ran, spark) -> None:
+    args = _args(workspace) + ["--set", f"evaluate.previous={workspace / 'base'}",
+                               "--set", f"evaluate.report_dir={workspace / 'reports-vs-base'}"]
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        assert evaluate_job.main(args) == 0
+    overall = json.loads(buffer.getvalue().strip().splitlines()[-1])["overall"]
+    base = jobs_ran["evaluate"]["overall"]
+    # a comparison adds numbers; it changes none of this model's own
+    assert overall["gap"] == pytest.approx(base["gap"])
+    for name in ("gap", "gap_at_10", "map"):
+        low, delta, high = (overall[f"vs_previous_{name}{end}"] for end in ("_low", "", "_high"))
+        assert low <= delta <= high
+    text = (workspace / "reports-vs-base" / "t1-test" / "report.md").read_text()
+    assert "## Compared with mumic-base base-v1" in text and "Per-class AP, largest losses first" in text
 
 
 def test_evaluate_scores_keeps_zero_shot_extras_out_of_the_headline_numbers() -> None:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mumic_batch.model.losses import asymmetric_loss, focal_loss, tempered_sigmoid_bce
+from mumic_batch.model.losses import asymmetric_loss, feature_preservation, focal_loss, tempered_sigmoid_bce
 
 
 def make_batch(n: int = 32, c: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,3 +150,14 @@ def test_shape_mismatches_are_errors() -> None:
         tempered_sigmoid_bce(torch.zeros(2, 3), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="mask shape"):
         tempered_sigmoid_bce(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(3, 2))
+
+
+def test_feature_preservation_is_the_mean_of_two_minus_two_cosines() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(6, 8, generator=gen), dim=-1)
+    b = torch.nn.functional.normalize(torch.randn(6, 8, generator=gen), dim=-1)
+    expected = (2.0 - 2.0 * (a * b).sum(-1)).mean()
+    torch.testing.assert_close(feature_preservation(a, b), expected)
+    assert feature_preservation(a, a).item() == 0.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        feature_preservation(a, b[:3])

@@ -1,21 +1,23 @@
-"""Multi-label ranking metrics (pure numpy): per-class AP, GAP@k, macro mAP, thresholds.
+"""Multi-label ranking metrics: per-class AP, ROC AUC and PR curves (scikit-learn), GAP@k, macro mAP, thresholds.
+
+GAP@k is written here (scikit-learn has no YouTube-8M GAP); AP, ROC AUC and the PR curve are scikit-learn's.
 
 Conventions, shared by every function here and by the brute-force references in the tests:
 - `y_true` is an N x C array of booleans (or 0/1), `scores` an N x C array of floats.
 - A quantity with no defined value returns NaN: the AP of a class with no positive, GAP over data
   with no positive label, precision when nothing is predicted, recall when nothing is positive.
   Means (macro mAP) skip NaN entries.
-- Average precision handles tied scores exactly as scikit-learn's `average_precision_score`:
-  all items sharing a score form one threshold step.
+- Tied scores form one threshold step (as in scikit-learn), in AP and in the thresholds chosen here.
 - GAP@k ranks with stable sorts: within an image, equal scores keep class-index order; in the
   pooled list, equal scores keep (image index, rank within the image) order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
+from sklearn import metrics as skm
 
 
 def _as_matrix(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -45,15 +47,11 @@ def _threshold_counts(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def average_precision(y_true: np.ndarray, scores: np.ndarray) -> float:
-    """AP of one class, equal to sklearn's average_precision_score; NaN when there is no positive."""
+    """AP of one class (scikit-learn's average_precision_score); NaN when there is no positive."""
     y, s = _as_column(y_true, scores)
-    n_pos = int(y.sum())
-    if n_pos == 0:
+    if not y.any():
         return float("nan")
-    _, tps, fps = _threshold_counts(y, s)
-    precision = tps / (tps + fps)
-    recall_step = np.diff(np.r_[0, tps]) / n_pos
-    return float(np.sum(recall_step * precision))
+    return float(skm.average_precision_score(y, s))
 
 
 def per_class_ap(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -98,22 +96,18 @@ def majority_classes(y_true: np.ndarray, n: int) -> list[int]:
 
 
 def threshold_at_precision(y_true_col: np.ndarray, scores_col: np.ndarray, target_precision: float) -> float:
-    """Lowest score threshold whose precision (score >= threshold) reaches the target.
+    """Lowest score threshold whose precision (score >= threshold) reaches the target; NaN when none does.
 
-    When no threshold reaches it, falls back to the threshold that maximises F1 (the highest such
-    threshold on ties); NaN when the column has no positive, as no threshold is meaningful then.
+    NaN as well when the column has no positive: no threshold is meaningful then. What to do with such a
+    class (no label) is core.thresholds' decision.
     """
     y, s = _as_column(y_true_col, scores_col)
-    n_pos = int(y.sum())
-    if n_pos == 0:
+    if not y.any():
         return float("nan")
     thresholds, tps, fps = _threshold_counts(y, s)
-    precision = tps / (tps + fps)
-    reached = np.flatnonzero(precision >= target_precision)
-    if reached.size:
-        return float(thresholds[reached[-1]])  # thresholds descend: the last one is the lowest
-    f1 = 2.0 * tps / (tps + fps + n_pos)
-    return float(thresholds[int(np.argmax(f1))])  # argmax takes the first maximum: the highest threshold
+    reached = np.flatnonzero(tps / (tps + fps) >= target_precision)
+    # thresholds descend: the last one reached is the lowest
+    return float(thresholds[reached[-1]]) if reached.size else float("nan")
 
 
 def precision_recall_at(
@@ -133,42 +127,112 @@ def precision_recall_at(
     return precision, recall
 
 
-def precision_recall_curve(y_true_col: np.ndarray, scores_col: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Precision and recall at every distinct score (highest first), the steps average_precision sums over."""
+def precision_recall_curve(y_true_col: np.ndarray,
+                           scores_col: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall and threshold at every distinct score, highest score first (the steps AP sums over)."""
     y, s = _as_column(y_true_col, scores_col)
-    n_pos = int(y.sum())
-    if n_pos == 0 or y.size == 0:
-        return np.array([]), np.array([])
-    _, tps, fps = _threshold_counts(y, s)
-    return tps / (tps + fps), tps / n_pos
+    if not y.any():
+        return np.array([]), np.array([]), np.array([])
+    precision, recall, thresholds = skm.precision_recall_curve(y, s)
+    # scikit-learn orders by increasing threshold and appends the (precision 1, recall 0) end point
+    return precision[:-1][::-1], recall[:-1][::-1], thresholds[::-1]
 
 
 def roc_auc(y_true_col: np.ndarray, scores_col: np.ndarray) -> float:
-    """Area under the ROC curve (ties count half), NaN unless both classes occur; 0.5 is chance."""
+    """Area under the ROC curve (scikit-learn's; ties count half), NaN unless both classes occur; 0.5 is chance."""
     y, s = _as_column(y_true_col, scores_col)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+    if y.all() or not y.any():
         return float("nan")
-    # Mann-Whitney U from average ranks: exact for ties.
-    order = np.argsort(s, kind="stable")
-    ranks = np.empty(s.size, dtype=np.float64)
-    sorted_s = s[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_s)) + 1]
-    ends = np.r_[starts[1:], s.size]
-    for a, b in zip(starts, ends):
-        ranks[order[a:b]] = (a + b + 1) / 2.0  # mean of the 1-based ranks a+1 .. b
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def class_thresholds(y_true: np.ndarray, scores: np.ndarray, target_precision: float,
-                     fallback: float = 0.5) -> np.ndarray:
-    """threshold_at_precision for every class; `fallback` where a class has no positive to set it on."""
-    y, s = _as_matrix(y_true, scores)
-    thresholds = np.array([threshold_at_precision(y[:, c], s[:, c], target_precision) for c in range(y.shape[1])])
-    return np.where(np.isnan(thresholds), fallback, thresholds)
+    return float(skm.roc_auc_score(y, s))
 
 
 def summary(y_true: np.ndarray, scores: np.ndarray, k: int = 10, map_idx: Sequence[int] | None = None) -> dict[str, float]:
     """The headline numbers: GAP (all classes), GAP@k and macro mAP over `map_idx` (default all classes)."""
     return {"gap": gap_at_k(y_true, scores), f"gap_at_{k}": gap_at_k(y_true, scores, k),
             "map": macro_map(y_true, scores, map_idx)}
+
+
+def reliability(y_true: np.ndarray, scores: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width probability bin over every (image, class) pair: mean probability, positive rate, pairs.
+
+    Empty bins hold NaN means and count 0. The last bin includes probability 1.
+    """
+    y, s = _as_matrix(y_true, scores)
+    y, s = y.ravel(), s.ravel()
+    index = np.minimum((s * bins).astype(int), bins - 1)
+    counts = np.bincount(index, minlength=bins)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        confidence = np.bincount(index, weights=s, minlength=bins) / counts
+        accuracy = np.bincount(index, weights=y.astype(np.float64), minlength=bins) / counts
+    return confidence, accuracy, counts
+
+
+def expected_calibration_error(y_true: np.ndarray, scores: np.ndarray, bins: int = 10) -> float:
+    """ECE over every (image, class) pair: the pair-weighted mean |positive rate - mean probability| per bin."""
+    confidence, accuracy, counts = reliability(y_true, scores, bins)
+    if counts.sum() == 0:
+        return float("nan")
+    filled = counts > 0
+    return float(np.sum(counts[filled] * np.abs(accuracy[filled] - confidence[filled])) / counts.sum())
+
+
+def retrieval(y_true: np.ndarray, embeddings: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """How well embedding neighbours share labels: recall@k and mean average precision of the neighbours.
+
+    Every image with a label queries all the others by cosine similarity; a neighbour is relevant when it
+    shares at least one label with the query. recall@k is the share of queries with a relevant neighbour
+    among their k nearest; map is the mean over queries of the AP of the ranked neighbours.
+    """
+    y = np.asarray(y_true).astype(bool)
+    e = np.asarray(embeddings, dtype=np.float64)
+    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    relevant = (y.astype(np.int64) @ y.T.astype(np.int64)) > 0
+    similarity = e @ e.T
+    hits = {k: [] for k in ks}
+    aps = []
+    for i in np.flatnonzero(y.any(axis=1)):
+        others = np.r_[0:i, i + 1:y.shape[0]]
+        rel = relevant[i, others]
+        if not rel.any():
+            continue
+        order = np.argsort(-similarity[i, others], kind="stable")
+        for k in ks:
+            hits[k].append(bool(rel[order[:k]].any()))
+        aps.append(average_precision(rel, similarity[i, others]))
+    out = {f"retrieval_recall_at_{k}": float(np.mean(v)) if v else float("nan") for k, v in hits.items()}
+    out["retrieval_map"] = float(np.mean(aps)) if aps else float("nan")
+    return out
+
+
+def confused_pairs(y_true: np.ndarray, assigned: np.ndarray, top: int = 10) -> list[tuple[int, int, int]]:
+    """The most frequent (true class i, wrongly assigned class j, images) triples, most images first.
+
+    An image counts for (i, j) when it is labelled i, not labelled j, and assigned j: class j fires on
+    class i's images. Ties go to the lower (i, j).
+    """
+    y = np.asarray(y_true).astype(bool)
+    wrong = np.asarray(assigned).astype(bool) & ~y
+    counts = y.T.astype(np.int64) @ wrong.astype(np.int64)
+    np.fill_diagonal(counts, 0)
+    order = np.lexsort((np.arange(counts.size), -counts.ravel()))[:top]
+    return [(int(k // counts.shape[1]), int(k % counts.shape[1]), int(counts.flat[k])) for k in order
+            if counts.flat[k] > 0]
+
+
+def paired_bootstrap(y_true: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray,
+                     metric: Callable[[np.ndarray, np.ndarray], float], n_boot: int = 200, ci: float = 0.9,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """metric(b) - metric(a) on the same images, and its bootstrap interval (images resampled jointly)."""
+    y, a, b = np.asarray(y_true), np.asarray(scores_a), np.asarray(scores_b)
+    delta = metric(y, b) - metric(y, a)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(y), len(y))
+        samples.append(metric(y[i], b[i]) - metric(y[i], a[i]))
+    finite = np.array([v for v in samples if not np.isnan(v)])
+    if not finite.size:
+        return float(delta), float("nan"), float("nan")
+    tail = (1.0 - ci) / 2.0
+    low, high = np.quantile(finite, [tail, 1.0 - tail])
+    return float(delta), float(low), float(high)

@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -42,6 +43,9 @@ class ArtifactError(ValueError):
     """A model artifact is missing, malformed, of an unknown format version, or fails its checksum."""
 
 
+_CORE_CLASS_FIELDS = 4  # name, prompt, threshold, zero_shot: every manifest has them
+
+
 @dataclass(frozen=True)
 class ClassEntry:
     """One output class: its name in the tables, its prompt (classifier weight) and decision threshold."""
@@ -50,12 +54,37 @@ class ClassEntry:
     prompt: str  # text prompt whose embedding is the class weight
     threshold: float = 0.5  # probability at or above which the label is assigned
     zero_shot: bool = False  # True: not trained on, scored through its prompt only
+    # What validation says about the threshold (written by jobs/train.py; None in older manifests).
+    assign: bool = True  # False: the class is never assigned (it cannot reach its target precision); see `note`
+    note: str = ""  # how the threshold was chosen, or why the class gets no label
+    target_precision: float | None = None  # the precision the threshold was chosen for
+    support: int | None = None  # validation positives
+    auc: float | None = None  # validation ROC AUC (for a zero-shot class: how far its prompt can be trusted)
+    expected_precision: float | None = None  # bootstrap median of the validation precision at the threshold
+    precision_low: float | None = None  # bootstrap interval of that precision (train.threshold_ci)
+    precision_high: float | None = None
+    expected_recall: float | None = None  # bootstrap median of the validation recall at the threshold
+    recall_low: float | None = None
+    recall_high: float | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.prompt:
             raise ValueError(f"class needs a non-empty name and prompt: {self!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"class {self.name!r}: threshold {self.threshold} outside [0, 1]")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; validation fields still at their defaults are left out, as older manifests have them."""
+        out = dataclasses.asdict(self)
+        for f in dataclasses.fields(self)[_CORE_CLASS_FIELDS:]:
+            if out[f.name] == f.default:
+                del out[f.name]
+        return out
+
+    @property
+    def effective_threshold(self) -> float:
+        """The threshold to compare probabilities with: infinite for a class that is never assigned."""
+        return self.threshold if self.assign else math.inf
 
 
 @dataclass(frozen=True)
@@ -87,7 +116,7 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
         out = dataclasses.asdict(self)
-        out["classes"] = [dataclasses.asdict(c) for c in self.classes]
+        out["classes"] = [c.to_dict() for c in self.classes]
         return out
 
     @classmethod

@@ -89,3 +89,14 @@ def asymmetric_loss(
     loss_pos = targets * log_pos * (1.0 - prob).pow(gamma_pos)
     loss_neg = (1.0 - targets) * log_neg * prob_neg.pow(gamma_neg)
     return _masked_mean(-(loss_pos + loss_neg), mask)
+
+
+def feature_preservation(embeddings: Tensor, base_embeddings: Tensor) -> Tensor:
+    """Mean squared distance between unit-norm embeddings and the base model's (2 - 2 cos per image).
+
+    A penalty that keeps the fine-tuned image tower where the base put the images, so that prompts the
+    fine-tuning never saw (zero-shot classes) still point at the right images.
+    """
+    if embeddings.shape != base_embeddings.shape:
+        raise ValueError(f"embedding shapes differ: {tuple(embeddings.shape)} != {tuple(base_embeddings.shape)}")
+    return (embeddings.float() - base_embeddings.float()).pow(2).sum(dim=-1).mean()

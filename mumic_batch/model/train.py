@@ -9,6 +9,7 @@ the epoch with the best validation GAP is kept (early stopping after `patience` 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from mumic_batch.config import TrainCfg
 from mumic_batch.core.metrics import gap_at_k
-from mumic_batch.model.losses import asymmetric_loss, focal_loss, tempered_sigmoid_bce
+from mumic_batch.model.losses import asymmetric_loss, feature_preservation, focal_loss, tempered_sigmoid_bce
 from mumic_batch.model.mumic import MuMIC
 from mumic_batch.model.optim import autocast, epoch_generator, param_group, random_shift, warmup_cosine
 
@@ -103,6 +104,26 @@ def make_loss(cfg: TrainCfg) -> LossFn:
     return lambda logits, targets, mask: asymmetric_loss(logits, targets, mask)
 
 
+def image_groups(visual: nn.Module) -> list[list[str]]:
+    """The image tower's parameter names in groups from input to output: stem, each block, head.
+
+    ResNet towers: stem, layer1..layer4, attnpool; ViT towers: stem (patch embedding, class and position
+    embeddings, ln_pre), each transformer block, head (ln_post, proj). Partial tuning trains the last groups.
+    """
+    stem, blocks, head = [], {}, []
+    for name, _ in visual.named_parameters():
+        parts = name.split(".")
+        if parts[0] == "transformer" and len(parts) > 2:
+            blocks.setdefault(".".join(parts[:3]), []).append(name)
+        elif parts[0].startswith("layer") or parts[0] == "attnpool":
+            blocks.setdefault(parts[0], []).append(name)
+        elif parts[0] in ("ln_post", "proj", "head"):
+            head.append(name)
+        else:
+            stem.append(name)
+    return [g for g in [stem, *blocks.values(), head] if g]
+
+
 def _towers(clf: Classifier, cfg: TrainCfg) -> tuple[bool, bool]:
     """Freeze what must not train; return (image trains, text trains)."""
     linear = clf.linear is not None
@@ -111,8 +132,10 @@ def _towers(clf: Classifier, cfg: TrainCfg) -> tuple[bool, bool]:
     backbone = clf.model.backbone
     for p in backbone.parameters():
         p.requires_grad_(False)
-    for p in backbone.visual.parameters():
-        p.requires_grad_(image)
+    groups = image_groups(backbone.visual)
+    trained = {n for g in groups[max(len(groups) - cfg.image_groups, 0):] for n in g} if cfg.image_groups else None
+    for name, p in backbone.visual.named_parameters():
+        p.requires_grad_(image and (trained is None or name in trained))
     for name, p in backbone.named_parameters():
         if not name.startswith("visual.") and name != "logit_scale":
             p.requires_grad_(text)  # CLIP's own logit_scale stays frozen: MuMIC's log_scale replaces it
@@ -143,6 +166,7 @@ class _Frozen:
     train_images: Tensor | None = None
     val_images: Tensor | None = None
     classes: Tensor | None = None
+    base_visual: nn.Module | None = None  # the base image tower, for the feature-preservation penalty
 
 
 @torch.no_grad()
@@ -156,9 +180,35 @@ def embed_images(model: MuMIC, pixels: Tensor, device: torch.device, precision: 
 
 
 def _train_mode(clf: Classifier, image_trains: bool) -> None:
-    """Train mode only where it matters: BatchNorm statistics update only in an image tower that trains."""
+    """Train mode only where it matters: BatchNorm statistics update only in image layers that train."""
     clf.eval()
-    clf.model.backbone.visual.train(image_trains)
+    visual = clf.model.backbone.visual
+    visual.train(image_trains)
+    for module in visual.modules():
+        own = list(module.parameters(recurse=False))
+        if own and not any(p.requires_grad for p in own):
+            module.eval()  # a frozen layer (partial tuning) keeps its BatchNorm statistics as well
+
+
+def _frozen_copy(visual: nn.Module) -> nn.Module:
+    """The base image tower for feature preservation: no gradients, BatchNorm statistics never updated."""
+    base = copy.deepcopy(visual)
+    base.requires_grad_(False)
+    for module in base.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = 0.0  # in train mode it normalises with batch statistics, but never stores them
+    return base
+
+
+def _like(base: nn.Module, visual: nn.Module) -> nn.Module:
+    """`base` with every module in the train/eval mode of its counterpart in `visual`.
+
+    Batch statistics in one and running statistics in the other would make the penalty nonzero at the
+    very first step, with identical weights; matched modes compare like with like.
+    """
+    for base_module, module in zip(base.modules(), visual.modules()):
+        base_module.training = module.training
+    return base
 
 
 def _frozen(clf: Classifier, train: LabelledSet, val: LabelledSet, image: bool, text: bool, cfg: TrainCfg,
@@ -204,12 +254,19 @@ def _run_epoch(clf: Classifier, data: LabelledSet, frozen: _Frozen, cfg: TrainCf
             if frozen.train_images is not None:
                 image_emb = frozen.train_images[idx.to(device)]
             else:
-                image_emb = clf.model.encode_images(random_shift(data.pixels[idx], cfg.shift, gen).to(device))
+                pixels = random_shift(data.pixels[idx], cfg.shift, gen).to(device)
+                image_emb = clf.model.encode_images(pixels)
             fixed = frozen.classes is not None or clf.linear is not None
             class_emb = frozen.classes if fixed else clf.class_embeddings()
+            if frozen.base_visual is not None:
+                with torch.no_grad():
+                    base_emb = F.normalize(_like(frozen.base_visual, clf.model.backbone.visual)(pixels).float(),
+                                           dim=-1)
         logits = clf.logits(image_emb, class_emb).float()
         mask = None if data.mask is None else data.mask[idx].to(device)
         loss = loss_fn(logits, data.targets[idx].to(device), mask)
+        if frozen.base_visual is not None:
+            loss = loss + cfg.preserve * feature_preservation(image_emb, base_emb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -258,12 +315,15 @@ def fit(clf: Classifier, train: LabelledSet, val: LabelledSet, cfg: TrainCfg, de
     clf.to(device)
     image, text = _towers(clf, cfg)
     optimizer = _optimizer(clf, cfg)
+    # Copied before a checkpoint is restored: the penalty pulls towards the base, not a half-trained model.
+    base_visual = _frozen_copy(clf.model.backbone.visual) if cfg.preserve > 0 and image else None
     steps_per_epoch = math.ceil(train.pixels.shape[0] / cfg.batch_size)
     scheduler = warmup_cosine(optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_steps)
     ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
     progress = _restore(ckpt, fingerprint, clf, optimizer, scheduler) if ckpt and cfg.resume else _Progress()
     resumed_from = progress.next_epoch if progress.next_epoch else None
     frozen = _frozen(clf, train, val, image, text, cfg, device)
+    frozen.base_visual = base_visual
     loss_fn = make_loss(cfg)
     while not progress.done and progress.next_epoch < cfg.epochs:
         epoch = progress.next_epoch

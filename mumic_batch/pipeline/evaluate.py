@@ -23,7 +23,7 @@ from pyspark.sql import SparkSession
 from mumic_batch.config import JobCfg, to_dict
 from mumic_batch.core import metrics
 from mumic_batch.core import status as st
-from mumic_batch.core.report import ClassResult, write_report
+from mumic_batch.core.report import ClassResult, plot_training_curves, write_report
 from mumic_batch.io.fetch import Fetcher
 from mumic_batch.model.artifact import ClassEntry
 from mumic_batch.inference.runner import Runner
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 JOB = "evaluate"
 
+TRAINING_CURVES_FILE = "training_curves.png"
 _FRAME_ROWS = 256  # rows handed to the runner at a time, as a Spark Arrow frame would be
 
 
@@ -57,7 +58,7 @@ def _evaluate(spark: SparkSession, cfg: JobCfg, record: RunRecord) -> dict:
                                precision=cfg.infer.precision)
     record.model_name, record.model_version = predictor.model_name, predictor.model_version
     started = time.perf_counter()
-    scores, ok = score(predictor, frame, cfg)
+    scores, embeddings, ok = score(predictor, frame, cfg)
     record.stage_seconds["score"] = time.perf_counter() - started
     record.processed = len(frame)
     record.status_counts = dict(Counter(ok["status"]))
@@ -66,21 +67,30 @@ def _evaluate(spark: SparkSession, cfg: JobCfg, record: RunRecord) -> dict:
     if not good.any():
         raise ValueError(f"no image of split {ev.split!r} could be scored: {record.status_counts}")
     y = multi_hot(list(frame.loc[good, ev.label_column]), predictor.class_names)
-    overall, per_class = evaluate_scores(y, scores[good], predictor.classes, len(predictor.manifest.classes),
+    classes = calibrated_classes(predictor)
+    overall, per_class = evaluate_scores(y, scores[good], classes, len(predictor.manifest.classes),
                                          ev.gap_k, ev.map_classes, ev.majority)
+    n_own = len(predictor.manifest.classes)
+    overall.update(metrics.retrieval(y[:, :n_own], embeddings[good]))
+    extra = _confusion_section(y[:, :n_own], scores[good][:, :n_own], classes[:n_own])
+    if ev.previous:
+        deltas, section = compare_previous(cfg, predictor, frame, scores, good)
+        overall.update(deltas)
+        extra += section
     overall["images"], overall["failed_images"] = float(good.sum()), float((~good).sum())
     dataset = ev.dataset or cfg.tables.labels
     evaluated_at = dt.datetime.now(dt.timezone.utc)
     rows = metric_rows(predictor, dataset, ev.split, overall, per_class, record.run_id, evaluated_at)
     append_rows(spark, rows, METRICS, cfg.tables.metrics)
-    report = _report(cfg, predictor, dataset, labels.version, overall, per_class, evaluated_at)
+    report = _report(cfg, predictor, dataset, labels.version, overall, per_class, evaluated_at,
+                     metrics.reliability(y[:, :n_own], scores[good][:, :n_own]), extra)
     log.info("evaluated %s %s on %s/%s: %s", predictor.model_name, predictor.model_version, dataset, ev.split,
              {k: round(v, 4) for k, v in overall.items() if v is not None and not math.isnan(v)})
     return _summary(record, cfg, predictor, overall, per_class, report)
 
 
-def score(predictor: Predictor, frame: pd.DataFrame, cfg: JobCfg) -> tuple[np.ndarray, pd.DataFrame]:
-    """Probabilities [N, C] in predictor.classes order (zeros for failed rows) and the runner's status columns."""
+def score(predictor: Predictor, frame: pd.DataFrame, cfg: JobCfg) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Probabilities [N, C] in predictor.classes order and embeddings [N, D] (zeros for failed rows), statuses."""
     runner = Runner(predictor, Fetcher(cfg.fetch), cfg.decode, cfg.infer, cfg.fetch.threads)
     chunks = (frame[["image_id", "uri"]].iloc[i:i + _FRAME_ROWS] for i in range(0, len(frame), _FRAME_ROWS))
     try:
@@ -88,20 +98,38 @@ def score(predictor: Predictor, frame: pd.DataFrame, cfg: JobCfg) -> tuple[np.nd
     finally:
         runner.close()
     scores = np.zeros((len(out), len(predictor.classes)), dtype=np.float64)
+    embeddings = np.zeros((len(out), predictor.manifest.embed_dim), dtype=np.float64)
     for i, row in enumerate(out.itertuples(index=False)):
         if row.status == st.OK:
             probs = {**row.probs, **row.zero_shot_probs}
             scores[i] = [probs[name] for name in predictor.class_names]
-    return scores, out[["image_id", "status", "error"]]
+            embeddings[i] = row.embedding
+    return scores, embeddings, out[["image_id", "status", "error"]]
+
+
+def calibrated_classes(predictor: Predictor) -> tuple[ClassEntry, ...]:
+    """predictor.classes, each zero-shot extra replaced by the training run's validation entry for its prompt.
+
+    The fine-tuned model's manifest (metrics.zero_shot) holds, per zero-shot class labelled in validation,
+    a threshold chosen for this model and its validation AUC; a config threshold knows neither.
+    """
+    known = predictor.manifest.metrics.get("zero_shot") or {}
+    out = []
+    for c in predictor.classes:
+        entry = known.get(c.name) if c.zero_shot else None
+        out.append(ClassEntry(**entry) if entry and entry.get("prompt") == c.prompt else c)
+    return tuple(out)
 
 
 def evaluate_scores(y: np.ndarray, scores: np.ndarray, classes: Sequence[ClassEntry], n_own: int, k: int,
                     map_classes: Sequence[str], majority: int) -> tuple[dict[str, float], list[ClassResult]]:
     """Overall metrics over the model's own classes (the first `n_own`), zero-shot extras summarised apart."""
     names = [c.name for c in classes]
-    thresholds = np.array([c.threshold for c in classes])
+    thresholds = np.array([c.effective_threshold for c in classes])
     precision, recall = metrics.precision_recall_at(y, scores, thresholds)
-    per_class = [_class_result(c, y[:, j], scores[:, j], precision[j], recall[j]) for j, c in enumerate(classes)]
+    assigned = (scores >= thresholds[None, :]).mean(axis=0) if len(y) else np.full(len(classes), math.nan)
+    per_class = [_class_result(c, y[:, j], scores[:, j], precision[j], recall[j], assigned[j])
+                 for j, c in enumerate(classes)]
     # The manifest's classes are the model's own (for a base model they are zero-shot prompts as well);
     # the config's extras are reported apart so that the headline numbers stay comparable across models.
     y_own, s_own = y[:, :n_own], scores[:, :n_own]
@@ -109,6 +137,11 @@ def evaluate_scores(y: np.ndarray, scores: np.ndarray, classes: Sequence[ClassEn
     overall = metrics.summary(y_own, s_own, k, subset)
     overall["map_all"] = metrics.macro_map(y_own, s_own)
     overall["map_classes"] = float(len(subset))
+    overall["ece"] = metrics.expected_calibration_error(y_own, s_own)
+    own = per_class[:n_own]
+    overall["assigned_classes"] = float(sum(r.assign for r in own))
+    for flag in ("worse than chance", "threshold misses target", "over-assigned"):
+        overall[flag.replace(" ", "_").replace("-", "_")] = float(sum(flag in r.flags for r in own))
     extras = per_class[n_own:]
     if extras:
         overall["zero_shot_map"] = _nanmean([r.ap for r in extras])
@@ -117,13 +150,68 @@ def evaluate_scores(y: np.ndarray, scores: np.ndarray, classes: Sequence[ClassEn
     return overall, per_class
 
 
-def _class_result(entry: ClassEntry, y: np.ndarray, s: np.ndarray, precision: float, recall: float) -> ClassResult:
-    curve_p, curve_r = metrics.precision_recall_curve(y, s)
+def _confusion_section(y: np.ndarray, scores: np.ndarray, classes: Sequence[ClassEntry], top: int = 10) -> list[str]:
+    """Report lines: the class pairs where one class is most often assigned to the other's images."""
+    thresholds = np.array([c.effective_threshold for c in classes])
+    pairs = metrics.confused_pairs(y, scores >= thresholds[None, :], top)
+    lines = ["## Most confused class pairs", "",
+             "Images labelled with the first class, not the second, yet assigned the second.", ""]
+    if not pairs:
+        return lines + ["No class is assigned to another class's images.", ""]
+    lines += ["| labelled | wrongly assigned | images |", "|---|---|---|"]
+    lines += [f"| {classes[i].name} | {classes[j].name} | {n} |" for i, j, n in pairs]
+    return lines + [""]
+
+
+def compare_previous(cfg: JobCfg, predictor: Predictor, frame: pd.DataFrame, scores: np.ndarray,
+                     good: np.ndarray) -> tuple[dict[str, float], list[str]]:
+    """The model against evaluate.previous on the same images: deltas with paired bootstrap intervals.
+
+    Over the classes both models have (their own, not zero-shot extras); overall GAP@k, GAP and mAP (the
+    evaluate.majority best-supported shared classes), and per-class AP. Positive deltas: this model is better.
+    """
+    ev = cfg.evaluate
+    previous = Predictor.load(ev.previous, device=cfg.infer.device, precision=cfg.infer.precision)
+    prev_scores, _, prev_ok = score(previous, frame, cfg)
+    both = good & (prev_ok["status"] == st.OK).to_numpy()
+    own = predictor.class_names[:len(predictor.manifest.classes)]
+    shared = [n for n in own if n in previous.class_names]
+    a = prev_scores[both][:, [previous.class_names.index(n) for n in shared]]
+    b = scores[both][:, [predictor.class_names.index(n) for n in shared]]
+    y = multi_hot(list(frame.loc[both, ev.label_column]), shared)
+    subset = map_class_indices(y, shared, ev.map_classes, ev.majority)
+    overall_metrics = {f"gap_at_{ev.gap_k}": lambda t, s: metrics.gap_at_k(t, s, ev.gap_k), "gap": metrics.gap_at_k,
+                       "map": lambda t, s: metrics.macro_map(t, s, subset)}
+    out: dict[str, float] = {}
+    lines = [f"## Compared with {previous.model_name} {previous.model_version}", "",
+             f"{int(both.sum())} images both models scored, {len(shared)} shared classes; delta = this model - "
+             f"previous, with a 90% paired bootstrap interval (images resampled jointly).", "",
+             "| metric | previous | this | delta | 90% interval |", "|---|---|---|---|---|"]
+    for name, fn in overall_metrics.items():
+        delta, low, high = metrics.paired_bootstrap(y, a, b, fn)
+        out.update({f"vs_previous_{name}": delta, f"vs_previous_{name}_low": low, f"vs_previous_{name}_high": high})
+        lines.append(f"| {name} | {fn(y, a):.4f} | {fn(y, b):.4f} | {delta:+.4f} | {low:+.4f} .. {high:+.4f} |")
+    per_class = []
+    for j, name in enumerate(shared):
+        if y[:, j].any():
+            ap = lambda t, s, j=j: metrics.average_precision(t[:, j], s[:, j])  # noqa: E731
+            per_class.append((name, *metrics.paired_bootstrap(y, a, b, ap, n_boot=100)))
+    per_class.sort(key=lambda row: row[1])
+    lines += ["", "Per-class AP, largest losses first:", "", "| class | AP delta | 90% interval |", "|---|---|---|"]
+    lines += [f"| {n} | {d:+.3f} | {lo:+.3f} .. {hi:+.3f} |" for n, d, lo, hi in per_class]
+    return out, lines + [""]
+
+
+def _class_result(entry: ClassEntry, y: np.ndarray, s: np.ndarray, precision: float, recall: float,
+                  assigned_rate: float) -> ClassResult:
+    curve_p, curve_r, _ = metrics.precision_recall_curve(y, s)
     return ClassResult(
         name=entry.name, zero_shot=entry.zero_shot, support=int(y.sum()),
         prevalence=float(y.mean()) if y.size else math.nan, ap=metrics.average_precision(y, s),
         auc=metrics.roc_auc(y, s), threshold=float(entry.threshold), precision=float(precision),
         recall=float(recall), curve_precision=tuple(curve_p.tolist()), curve_recall=tuple(curve_r.tolist()),
+        assign=entry.assign, assigned_rate=float(assigned_rate),
+        target_precision=math.nan if entry.target_precision is None else entry.target_precision,
     )
 
 
@@ -144,14 +232,16 @@ def metric_rows(predictor: Predictor, dataset: str, split: str, overall: dict[st
     rows = [(*head, None, None, metric, _value(value), run_id, evaluated_at) for metric, value in overall.items()]
     for r in per_class:
         per = {"ap": r.ap, "auc": r.auc, "support": float(r.support), "prevalence": r.prevalence,
-               "threshold": r.threshold, "precision": r.precision, "recall": r.recall}
+               "threshold": r.threshold, "precision": r.precision, "recall": r.recall,
+               "assigned_rate": r.assigned_rate, "assign": float(r.assign), "target_precision": r.target_precision}
         rows += [(*head, r.name, r.zero_shot, metric, _value(value), run_id, evaluated_at)
                  for metric, value in per.items()]
     return rows
 
 
 def _report(cfg: JobCfg, predictor: Predictor, dataset: str, version: int | None, overall: dict[str, float],
-            per_class: Sequence[ClassResult], evaluated_at: dt.datetime) -> Path:
+            per_class: Sequence[ClassResult], evaluated_at: dt.datetime,
+            calibration: tuple[np.ndarray, np.ndarray, np.ndarray], extra: list[str]) -> Path:
     ev = cfg.evaluate
     out = Path(ev.report_dir) / f"{predictor.model_version}-{ev.split}"
     meta = {"model": f"{predictor.model_name} {predictor.model_version} ({cfg.model.artifact})",
@@ -162,8 +252,13 @@ def _report(cfg: JobCfg, predictor: Predictor, dataset: str, version: int | None
              "map averages the classes listed in evaluate.map_classes or the evaluate.majority classes with the "
              "most positives (map_all: every class with a positive). zero_shot_* summarise the model.zero_shot "
              "classes, scored from their prompts only; compare each one's AP with its prevalence (chance)."]
+    history = predictor.manifest.metrics.get("history")
+    if history:
+        out.mkdir(parents=True, exist_ok=True)
+        plot_training_curves(history, out / TRAINING_CURVES_FILE)
+        extra = extra + ["## Training curves", "", f"![Training curves]({TRAINING_CURVES_FILE})", ""]
     return write_report(out, f"Evaluation of {predictor.model_name} {predictor.model_version}", meta, overall,
-                        per_class, notes)
+                        per_class, notes, calibration, extra)
 
 
 def _summary(record: RunRecord, cfg: JobCfg, predictor: Predictor, overall: dict[str, float],
@@ -175,5 +270,10 @@ def _summary(record: RunRecord, cfg: JobCfg, predictor: Predictor, overall: dict
         "overall": {k: _value(v) for k, v in overall.items()},
         "zero_shot": {r.name: {"ap": _value(r.ap), "auc": _value(r.auc), "prevalence": _value(r.prevalence)}
                       for r in extras},
+        "classes": {r.name: {"ap": _value(r.ap), "auc": _value(r.auc), "prevalence": _value(r.prevalence),
+                             "precision": _value(r.precision), "recall": _value(r.recall), "assign": r.assign,
+                             "target_precision": _value(r.target_precision), "threshold": r.threshold,
+                             "assigned_rate": _value(r.assigned_rate), "zero_shot": r.zero_shot,
+                             "flags": list(r.flags)} for r in per_class},
         "metrics": cfg.tables.metrics, "report": str(report),
     }

@@ -24,6 +24,7 @@ from mumic_batch.config import ClassPromptCfg, JobCfg, TrainCfg, to_dict
 from mumic_batch.core import metrics
 from mumic_batch.core import status as st
 from mumic_batch.core.preprocess import PreprocessSpec
+from mumic_batch.core.thresholds import choose_thresholds
 from mumic_batch.model.artifact import ClassEntry, save_artifact
 from mumic_batch.model.backbone import preprocess_spec
 from mumic_batch.model.base import load_base
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 JOB = "train"
 # Settings that change nothing in the trained weights: a checkpoint stays valid when only these differ.
 _NOT_IN_FINGERPRINT = ("name", "version", "overwrite", "checkpoint_dir", "checkpoint_every", "resume",
-                       "target_precision", "wise_alpha")
+                       "target_precision", "wise_alpha", "threshold_min_support", "threshold_bootstrap",
+                       "threshold_shrinkage", "threshold_ci")
 
 
 def run(spark, cfg: JobCfg) -> dict:
@@ -69,8 +71,8 @@ def _train(spark, cfg: JobCfg, record: RunRecord) -> dict:
     model, base_ref = load_base(tc)
     started = time.perf_counter()
     spec = preprocess_spec(model.backbone)
-    train = _labelled(labels.split(tc.train_split), classes, spec, cfg, record)
-    val = _labelled(labels.split(tc.val_split), classes, spec, cfg, record)
+    train, _ = _labelled(labels.split(tc.train_split), classes, spec, cfg, record)
+    val, val_rows = _labelled(labels.split(tc.val_split), classes, spec, cfg, record)
     _check_data(train, val, tc, cfg.tables.labels)
     record.stage_seconds["load"] = time.perf_counter() - started
     clf = Classifier(model, [c.prompt for c in classes])
@@ -85,10 +87,12 @@ def _train(spark, cfg: JobCfg, record: RunRecord) -> dict:
     version = tc.version or "ft-" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     record.model_version = version
     entries, val_metrics = _thresholds_and_metrics(classes, val, result, cfg)
+    zero_shot = _zero_shot_entries(clf, val, val_rows, cfg, device)
     ref = labels.ref(kind="mumic_fine_tune", split=tc.train_split, val_split=tc.val_split, seed=tc.seed,
                      rows=int(train.pixels.shape[0]), val_rows=int(val.pixels.shape[0]),
                      label_column=tc.label_column, base=base_ref)
-    fit_metrics = {"val": val_metrics, **_fit_summary(result), "wise_alpha": tc.wise_alpha}
+    fit_metrics = {"val": val_metrics, **_fit_summary(result), "wise_alpha": tc.wise_alpha,
+                   "zero_shot": {e.name: e.to_dict() for e in zero_shot}, "history": _history(result)}
     manifest = save_artifact(out, clf.model, name=tc.name, version=version, classes=entries, training_data=ref,
                              metrics=fit_metrics, overwrite=tc.overwrite)
     return {"job": JOB, "run_id": record.run_id, "model": out, "name": manifest.name, "version": manifest.version,
@@ -107,8 +111,8 @@ def _interpolate(clf: Classifier, base: dict, val: LabelledSet, result: FitResul
 
 
 def _labelled(frame: pd.DataFrame, classes: Sequence[ClassPromptCfg], spec: PreprocessSpec, cfg: JobCfg,
-              record: RunRecord) -> LabelledSet:
-    """One split's images in memory with its targets (and annotation mask); rows that fail to load are left out."""
+              record: RunRecord) -> tuple[LabelledSet, pd.DataFrame]:
+    """One split's images in memory with its targets (and annotation mask), and the rows that loaded."""
     tc = cfg.train
     loaded = load_pixels(list(frame["uri"]), spec, cfg.fetch, cfg.decode, cfg.fetch.threads)
     for status, count in [(st.OK, int(loaded.rows.size)), *loaded.failures.items()]:
@@ -120,7 +124,7 @@ def _labelled(frame: pd.DataFrame, classes: Sequence[ClassPromptCfg], spec: Prep
     if tc.mask_unannotated:
         negatives = multi_hot(list(rows[tc.negatives_column]), names)
         mask = torch.from_numpy(np.maximum(targets, negatives))
-    return LabelledSet(torch.from_numpy(loaded.pixels), torch.from_numpy(targets), mask)
+    return LabelledSet(torch.from_numpy(loaded.pixels), torch.from_numpy(targets), mask), rows
 
 
 def _check_data(train: LabelledSet, val: LabelledSet, tc: TrainCfg, table: str) -> None:
@@ -146,14 +150,58 @@ def fingerprint(tc: TrainCfg, base_ref: dict, labels: LabelsTable) -> str:
 
 def _thresholds_and_metrics(classes: Sequence[ClassPromptCfg], val: LabelledSet, result: FitResult,
                             cfg: JobCfg) -> tuple[list[ClassEntry], dict]:
-    """Per-class thresholds at the target precision on validation, and the validation summary."""
+    """Per-class thresholds with their validation promises (core/thresholds.py), and the validation summary."""
     y, probs = val.targets.numpy(), result.val_probs
-    thresholds = metrics.class_thresholds(y, probs, cfg.train.target_precision)
-    entries = [ClassEntry(c.name, c.prompt, float(np.clip(t, 0.0, 1.0))) for c, t in zip(classes, thresholds)]
+    entries = class_entries(classes, y, probs, cfg.train)
     names = [c.name for c in classes]
     idx = map_class_indices(y, names, cfg.evaluate.map_classes, cfg.evaluate.majority)
     summary = metrics.summary(y, probs, cfg.evaluate.gap_k, idx)
+    summary["assigned_classes"] = float(sum(e.assign for e in entries))
     return entries, {k: _finite(v) for k, v in summary.items()}
+
+
+def class_entries(classes: Sequence[ClassPromptCfg], y: np.ndarray, probs: np.ndarray, tc: TrainCfg,
+                  zero_shot: bool = False) -> list[ClassEntry]:
+    """Manifest entries: each class's threshold, fallback decision, validation AUC and expected precision/recall."""
+    choices = choose_thresholds(y, probs, tc.target_precision, min_support=tc.threshold_min_support,
+                                shrinkage=tc.threshold_shrinkage, n_boot=tc.threshold_bootstrap, ci=tc.threshold_ci,
+                                seed=tc.seed)
+    entries = []
+    for j, (c, t) in enumerate(zip(classes, choices)):
+        entries.append(ClassEntry(
+            c.name, c.prompt, float(np.clip(t.threshold, 0.0, 1.0)), zero_shot=zero_shot, assign=t.assign,
+            note=t.note, target_precision=tc.target_precision, support=t.support,
+            auc=_finite(metrics.roc_auc(y[:, j], probs[:, j])), expected_precision=_finite(t.precision),
+            precision_low=_finite(t.precision_low), precision_high=_finite(t.precision_high),
+            expected_recall=_finite(t.recall), recall_low=_finite(t.recall_low), recall_high=_finite(t.recall_high)))
+        log.info("class %s: %s", c.name, f"threshold {t.threshold:.3f} ({t.note})" if t.assign else t.note)
+    return entries
+
+
+def _zero_shot_entries(clf: Classifier, val: LabelledSet, val_rows: pd.DataFrame, cfg: JobCfg,
+                       device: torch.device) -> list[ClassEntry]:
+    """model.zero_shot classes scored from their prompts on the validation split, where it labels them.
+
+    How far the fine-tuned model still ranks a zero-shot class's images (its validation AUC) and the
+    threshold that class would need: what the tagging run can log and use for that class.
+    """
+    tc = cfg.train
+    names = [z.name for z in cfg.model.zero_shot]
+    if not names:
+        return []
+    y = multi_hot(list(val_rows[tc.label_column]), names)
+    labelled = [j for j in range(len(names)) if y[:, j].any()]
+    if not labelled:
+        return []
+    zs = [cfg.model.zero_shot[j] for j in labelled]
+    probs = predict(Classifier(clf.model, [z.prompt for z in zs]), val.pixels, device, tc.precision)
+    prompts = [ClassPromptCfg(z.name, z.prompt) for z in zs]
+    return class_entries(prompts, y[:, labelled], probs, tc, zero_shot=True)
+
+
+def _history(result: FitResult) -> list[dict]:
+    """Per-epoch training curves for the manifest (JSON has no NaN: null instead)."""
+    return [{k: _finite(v) if isinstance(v, float) else v for k, v in h.items()} for h in result.history]
 
 
 def _fit_summary(result: FitResult) -> dict:
