@@ -167,6 +167,18 @@ class TagCfg:
 
 
 @dataclass(frozen=True)
+class MaintainCfg:
+    optimize: bool = True  # compact the predictions table and Z-order its files by image_id (OPTIMIZE ... ZORDER BY)
+    model_version: str = ""  # OPTIMIZE only this model version's partition; "" = every partition
+    purge_deletion_vectors: bool = False  # also rewrite the files that carry deletion vectors (REORG ... APPLY (PURGE)); the table feature stays (docs/tables.md)
+    vacuum: bool = True  # delete files the table no longer references once older than retain_hours (VACUUM)
+    retain_hours: float = 168.0  # VACUUM retention; Delta refuses less than 168 unless spark.databricks.delta.retentionDurationCheck.enabled=false
+
+    def __post_init__(self) -> None:
+        _require(self.retain_hours >= 0, "maintain.retain_hours", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class SampleCfg:
     out_dir: str = "data/sample"  # where images and tables are written
     n_images: int = 300  # number of images
@@ -341,6 +353,7 @@ class JobCfg:
     decode: DecodeCfg = field(default_factory=DecodeCfg)
     infer: InferCfg = field(default_factory=InferCfg)
     tag: TagCfg = field(default_factory=TagCfg)
+    maintain: MaintainCfg = field(default_factory=MaintainCfg)
     sample: SampleCfg = field(default_factory=SampleCfg)
     init_model: InitModelCfg = field(default_factory=InitModelCfg)
     pretrain: PretrainCfg = field(default_factory=PretrainCfg)

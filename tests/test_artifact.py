@@ -16,6 +16,7 @@ from mumic_batch.model.artifact import (
     FORMAT_VERSION,
     ArtifactError,
     ClassEntry,
+    check_artifact,
     load_artifact,
     read_manifest,
     save_artifact,
@@ -294,3 +295,22 @@ def test_clip_weights_can_come_from_s3(s3_bucket: object, tmp_path: Path, monkey
     model = build_mumic(TINY_ARCH, clip_weights="s3://models/clip/tiny/clip.safetensors", seed=4)
     assert torch.equal(model.backbone.visual.proj, source.visual.proj)
     assert model.log_scale.item() == source.logit_scale.item()
+
+
+def test_driver_check_streams_the_weights_from_s3_and_keeps_no_copy(
+    tiny_artifact: Path, tmp_path: Path, s3_bucket: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MUMIC_CACHE_DIR", str(tmp_path / "cache"))
+    upload_dir(s3_bucket, tiny_artifact, "models", "tagger/v2")
+    assert check_artifact("s3://models/tagger/v2") == read_manifest(tiny_artifact) == check_artifact(tiny_artifact)
+    assert not (tmp_path / "cache").exists()
+    tampered = bytearray((tiny_artifact / "weights.safetensors").read_bytes())
+    tampered[-1] ^= 0xFF
+    s3_bucket.put_object(Bucket="models", Key="tagger/v2/weights.safetensors", Body=bytes(tampered))  # type: ignore[attr-defined]
+    with pytest.raises(ArtifactError, match="sha256 mismatch"):
+        check_artifact("s3://models/tagger/v2")
+    s3_bucket.put_object(Bucket="models", Key="tagger/v2/weights.safetensors", Body=b"short")  # type: ignore[attr-defined]
+    with pytest.raises(ArtifactError, match="has 5 bytes"):
+        check_artifact("s3://models/tagger/v2")
+    with pytest.raises(ArtifactError, match="not a model artifact"):
+        check_artifact("s3://models/absent")

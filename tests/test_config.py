@@ -106,3 +106,16 @@ def test_score_tasks(partitions, rows, slots, want):
     from mumic_batch.pipeline.tag import score_tasks
 
     assert score_tasks(TagCfg(partitions=partitions, rows_per_task=500), rows, slots) == want
+
+
+@pytest.mark.parametrize("conf, executors, parallelism, want", [
+    ({}, 1, 8, 8),  # CPU: one slot per core
+    ({"spark.task.cpus": "2"}, 1, 8, 4),
+    ({"spark.task.resource.gpu.amount": "1", "spark.executor.resource.gpu.amount": "4"}, 3, 96, 12),
+    ({"spark.task.resource.gpu.amount": "0.5", "spark.executor.instances": "2"}, 1, 64, 4),  # two tasks per GPU
+    ({"spark.task.resource.gpu.amount": "1"}, 0, 16, 1),  # no executor registered yet
+])
+def test_task_slots_count_gpus_when_tasks_request_them(conf, executors, parallelism, want):
+    from mumic_batch.pipeline.tag import task_slots
+
+    assert task_slots(conf, executors, parallelism) == want

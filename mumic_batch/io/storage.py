@@ -164,3 +164,43 @@ def localize_file(uri: str, cache_dir: str | os.PathLike[str] | None = None, cli
         log.info("copying %s to %s", uri, slot)
         _download(client, bucket, parent, listing, slot)
     return slot / name
+
+
+def read_member(uri: str, name: str, max_bytes: int, client: Any | None = None) -> bytes:
+    """The bytes of one small file `name` of the artifact at `uri`, without copying the rest."""
+    size, chunks = _open_member(uri, name, client)
+    if size > max_bytes:
+        raise StorageError(f"{uri}/{name}: {size} bytes, more than the {max_bytes} allowed")
+    return b"".join(chunks)
+
+
+def sha256_member(uri: str, name: str, client: Any | None = None, block: int = 8 << 20) -> tuple[int, str]:
+    """(size, hex sha256) of file `name` of the artifact at `uri`, streamed once and never stored."""
+    digest, size = hashlib.sha256(), 0
+    for chunk in _open_member(uri, name, client, block)[1]:
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _open_member(uri: str, name: str, client: Any | None, block: int = 1 << 20) -> tuple[int, Any]:
+    """(size, iterator over the bytes) of file `name` under a local directory or an s3 prefix."""
+    rel = _safe_relative(name, name)
+    if not is_s3(uri):
+        path = _local_path(uri) / rel
+        if not path.is_file():
+            raise FileNotFoundError(f"file not found: {path}")
+
+        def local_chunks():
+            with path.open("rb") as f:
+                while chunk := f.read(block):
+                    yield chunk
+
+        return path.stat().st_size, local_chunks()
+    bucket, prefix = split_s3(uri)
+    key = f"{prefix.rstrip('/')}/{rel}" if prefix else rel
+    try:
+        obj = _s3_client(client).get_object(Bucket=bucket, Key=key)
+    except Exception as exc:  # botocore ClientError: 404, 403, ...
+        raise FileNotFoundError(f"s3 object not readable: s3://{bucket}/{key}: {exc}") from exc
+    return int(obj["ContentLength"]), obj["Body"].iter_chunks(block)

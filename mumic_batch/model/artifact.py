@@ -26,7 +26,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
 from mumic_batch.core.preprocess import PreprocessSpec
-from mumic_batch.io.storage import localize_dir
+from mumic_batch.io.storage import localize_dir, read_member, sha256_member
 from mumic_batch.model.backbone import Architecture, WeightsError, check_state_dict, preprocess_spec
 from mumic_batch.model.mumic import MuMIC, build_mumic
 
@@ -227,19 +227,53 @@ def read_manifest(artifact_dir: str | os.PathLike[str]) -> Manifest:
         raise ArtifactError(f"not a model artifact: {path} is missing")
     if path.stat().st_size > _MAX_MANIFEST_BYTES:
         raise ArtifactError(f"{path}: manifest larger than {_MAX_MANIFEST_BYTES} bytes")
+    return _parse_manifest(path.read_bytes(), str(path))
+
+
+def _parse_manifest(raw: bytes, source: str) -> Manifest:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except ValueError as exc:
-        raise ArtifactError(f"{path}: not valid JSON: {exc}") from exc
+        raise ArtifactError(f"{source}: not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
-        raise ArtifactError(f"{path}: manifest must be a JSON object")
-    return Manifest.from_dict(data, source=str(path))
+        raise ArtifactError(f"{source}: manifest must be a JSON object")
+    return Manifest.from_dict(data, source=source)
+
+
+def check_artifact(uri: str | os.PathLike[str], client: Any | None = None) -> Manifest:
+    """The manifest of the artifact at `uri` (local, file:// or s3://), its weights' size and sha256 checked.
+
+    For the Spark driver: the weights are streamed through the hash once and not kept, and no model
+    is built; the workers that load the model check the same sha256 again on the bytes they parse.
+    """
+    uri = str(uri)
+    try:
+        raw = read_member(uri, MANIFEST_FILE, _MAX_MANIFEST_BYTES, client)
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"not a model artifact: {uri}/{MANIFEST_FILE} is missing ({exc})") from exc
+    manifest = _parse_manifest(raw, f"{uri}/{MANIFEST_FILE}")
+    _check_weights_name(manifest)
+    try:
+        size, sha = sha256_member(uri, manifest.weights_file, client)
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"weights file missing: {uri}/{manifest.weights_file} ({exc})") from exc
+    if size != manifest.weights_size:
+        raise ArtifactError(f"weights file {uri}/{manifest.weights_file} has {size} bytes, "
+                            f"manifest says {manifest.weights_size}")
+    if sha != manifest.weights_sha256:
+        raise ArtifactError(f"sha256 mismatch for {uri}/{manifest.weights_file}: manifest "
+                            f"{manifest.weights_sha256}, file {sha}; refusing to load")
+    return manifest
+
+
+def _check_weights_name(manifest: Manifest) -> None:
+    if Path(manifest.weights_file).name != manifest.weights_file or manifest.weights_file in ("", ".", ".."):
+        raise ArtifactError(f"weights_file must be a plain file name, got {manifest.weights_file!r}")
 
 
 def _read_verified_weights(artifact_dir: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
     """Read the weights once, check size and sha256 on those bytes, then parse them with safetensors."""
-    if Path(manifest.weights_file).name != manifest.weights_file or manifest.weights_file in ("", ".", ".."):
-        raise ArtifactError(f"weights_file must be a plain file name, got {manifest.weights_file!r}")
+    _check_weights_name(manifest)
     path = artifact_dir / manifest.weights_file
     if not path.is_file():
         raise ArtifactError(f"weights file missing: {path}")

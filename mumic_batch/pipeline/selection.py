@@ -2,12 +2,18 @@
 
 Two ways to find new and changed rows:
 - change_feed: when the catalogue is a Delta table with `delta.enableChangeDataFeed=true` and an
-  earlier successful run of this model version recorded the catalogue version it read, only rows
-  inserted or updated since that version are candidates (no full-catalogue join);
-- anti_join: otherwise, the catalogue is joined with this version's predictions.
+  earlier successful run of this model version recorded the catalogue version it read, the
+  candidates are the ids inserted or updated since that version plus the due rows of the retry
+  table (tables/retry.py). Only the candidates' catalogue rows are de-duplicated and only their
+  predictions are joined; a night with no candidates reads neither table.
+- anti_join: otherwise (Parquet catalogues, first runs of a version), the whole catalogue is
+  de-duplicated and joined with this version's predictions.
 Both then keep a candidate only if it has no prediction, its uri or updated_at changed, or it
 failed with a transient status, attempts left and the retry delay passed (so an immediate rerun of
 the same night processes nothing).
+
+Every selected row carries `prior_attempts`: null when the row has no prediction yet (the commit
+appends it), 0 when its input changed, else the prediction's attempts (the commit MERGEs it).
 """
 
 from __future__ import annotations
@@ -16,12 +22,12 @@ import logging
 from dataclasses import dataclass
 
 from delta.tables import DeltaTable
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, Observation, SparkSession, Window
 from pyspark.sql import functions as F
 
 from mumic_batch.config import TablesCfg, TagCfg
-from mumic_batch.core import status as st
-from mumic_batch.tables.io import resolve_format, table_exists
+from mumic_batch.tables import retry
+from mumic_batch.tables.io import read_table, resolve_format, table_exists
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +35,26 @@ FULL = "full"
 ANTI_JOIN = "anti_join"
 CHANGE_FEED = "change_feed"
 
+# Up to this many candidate ids are broadcast to the catalogue and predictions scans (no shuffle of
+# either table); more (a rewritten catalogue) are shuffle-joined.
+BROADCAST_IDS = 2_000_000
+
 
 @dataclass(frozen=True)
 class Selection:
-    """The rows to process and how they were found."""
+    """The rows to process (image_id, uri, source_updated_at, prior_attempts) and how they were found."""
 
-    rows: DataFrame
+    rows: DataFrame | None  # None: nothing can need work (no candidate ids), so nothing was read
     method: str
     source_version: int | None  # catalogue Delta version read by this run (None: not a Delta path)
+    counted: int | None  # catalogue rows from Delta statistics (None: not a Delta table)
+    observed: Observation | None = None  # else counts the catalogue rows as the worklist is written
+
+    def input_rows(self) -> int | None:
+        """Catalogue rows read (duplicates included); call after the worklist was written."""
+        if self.counted is not None or self.observed is None:
+            return self.counted
+        return int(self.observed.get["rows"])
 
 
 def catalogue_version(spark: SparkSession, tables: TablesCfg) -> tuple[int | None, bool]:
@@ -62,20 +80,72 @@ def last_source_version(spark: SparkSession, tables: TablesCfg, model_version: s
     return None if row is None or row["v"] is None else int(row["v"])
 
 
-def select_work(spark: SparkSession, catalogue: DataFrame, tables: TablesCfg, tag: TagCfg, model_version: str,
+def normalised(df: DataFrame) -> DataFrame:
+    """image_id (derived from the URI when absent), uri and source_updated_at of every catalogue row."""
+    if "uri" not in df.columns:
+        raise ValueError(f"catalogue has no 'uri' column (columns: {', '.join(df.columns)})")
+    if "image_id" not in df.columns:
+        # Same rule as mumic_batch.core.ids.image_id_for: first 16 hex chars of sha1(uri).
+        df = df.withColumn("image_id", F.substring(F.sha1(F.col("uri")), 1, 16))
+    updated = F.col("updated_at").cast("timestamp") if "updated_at" in df.columns else F.lit(None).cast("timestamp")
+    return df.select(F.col("image_id").cast("string"), F.col("uri").cast("string"), updated.alias("source_updated_at"))
+
+
+def latest(df: DataFrame) -> DataFrame:
+    """One row per image_id: the latest updated_at (then the smallest uri)."""
+    order = Window.partitionBy("image_id").orderBy(F.col("source_updated_at").desc_nulls_last(), F.col("uri"))
+    return df.withColumn("_n", F.row_number().over(order)).where("_n = 1").drop("_n")
+
+
+def select_work(spark: SparkSession, tables: TablesCfg, tag: TagCfg, model_version: str,
                 source: tuple[int | None, bool]) -> Selection:
-    """Choose the rows this run processes; `source` is catalogue_version()'s answer for `catalogue`."""
+    """Choose the rows this run processes; `source` is catalogue_version()'s answer for the catalogue."""
     version, cdf = source
-    if tag.full or not table_exists(spark, tables.predictions):
-        return Selection(catalogue, FULL, version)
-    done = _predictions(spark, tables, model_version)
+    counted = _delta_rows(spark, tables.catalogue, version) if version is not None else None
+    raw = normalised(read_table(spark, tables.catalogue, tables.catalogue_format, version))
+    observed = None
+    if counted is None:
+        # Parquet and catalog tables are always read whole (anti-join), so count them in that pass.
+        observed = Observation("catalogue")
+        raw = raw.observe(observed, F.count(F.lit(1)).alias("rows"))
+    if not table_exists(spark, tables.predictions):
+        rows = latest(raw).withColumn("prior_attempts", F.lit(None).cast("int"))
+        return Selection(rows, FULL, version, counted, observed)
+    if tag.full:
+        # Every row goes through the MERGE (which counts attempts), whether or not it has a prediction.
+        return Selection(latest(raw).withColumn("prior_attempts", F.lit(0)), FULL, version, counted, observed)
     since = last_source_version(spark, tables, model_version) if cdf else None
     if since is not None and version is not None:
-        candidates = _changed_since(spark, catalogue, tables, since, version, done)
-        method = CHANGE_FEED
-    else:
-        candidates, method = catalogue, ANTI_JOIN
-    return Selection(_needs_work(candidates, done, tag), method, version)
+        ids = _candidate_ids(spark, tables, tag, model_version, since, version)
+        n = ids.count()
+        log.info("change feed: catalogue versions %d..%d, %d candidate ids", since + 1, version, n)
+        if n == 0:
+            return Selection(None, CHANGE_FEED, version, counted)
+        ids = F.broadcast(ids) if n <= BROADCAST_IDS else ids
+        candidates = latest(raw.join(ids, "image_id", "left_semi"))
+        done = _predictions(spark, tables, model_version).join(ids, "image_id", "left_semi")
+        return Selection(_needs_work(candidates, done, tag), CHANGE_FEED, version, counted)
+    done = _predictions(spark, tables, model_version)
+    return Selection(_needs_work(latest(raw), done, tag), ANTI_JOIN, version, counted, observed)
+
+
+def _delta_rows(spark: SparkSession, path: str, version: int) -> int:
+    """Rows of a Delta table version from its file statistics (Delta answers count(*) from the log)."""
+    return spark.read.format("delta").option("versionAsOf", version).load(path).count()
+
+
+def _candidate_ids(spark: SparkSession, tables: TablesCfg, tag: TagCfg, model_version: str, since: int,
+                   version: int) -> DataFrame:
+    """Distinct ids inserted or updated in catalogue versions since+1..version, plus due retries."""
+    due = retry.due(spark, tables.predictions, model_version, tag.retry_after_s, tag.max_attempts)
+    if since >= version:
+        return due.distinct()
+    changes = (
+        spark.read.format("delta").option("readChangeFeed", "true")
+        .option("startingVersion", since + 1).option("endingVersion", version).load(tables.catalogue)
+        .where(F.col("_change_type").isin("insert", "update_postimage"))
+    )
+    return normalised(changes).select("image_id").unionByName(due).distinct()
 
 
 def _predictions(spark: SparkSession, tables: TablesCfg, model_version: str) -> DataFrame:
@@ -88,36 +158,11 @@ def _predictions(spark: SparkSession, tables: TablesCfg, model_version: str) -> 
     )
 
 
-def _changed_since(spark: SparkSession, catalogue: DataFrame, tables: TablesCfg, since: int, version: int,
-                   done: DataFrame) -> DataFrame:
-    """Catalogue rows touched after version `since`, plus rows whose prediction failed (retry candidates)."""
-    if since >= version:
-        changed_ids = spark.createDataFrame([], "image_id string")
-    else:
-        changes = (
-            spark.read.format("delta").option("readChangeFeed", "true")
-            .option("startingVersion", since + 1).option("endingVersion", version).load(tables.catalogue)
-            .where(F.col("_change_type").isin("insert", "update_postimage"))
-        )
-        changed_ids = _ids(changes).select("image_id").distinct()
-    failed_ids = done.where(F.col("p_status") != st.OK).select("image_id")
-    ids = changed_ids.unionByName(failed_ids).distinct()
-    log.info("change feed: catalogue versions %d..%d", since + 1, version)
-    return catalogue.join(ids, "image_id", "left_semi")
-
-
-def _ids(changes: DataFrame) -> DataFrame:
-    if "image_id" in changes.columns:
-        return changes
-    return changes.withColumn("image_id", F.substring(F.sha1(F.col("uri")), 1, 16))
-
-
 def _needs_work(candidates: DataFrame, done: DataFrame, tag: TagCfg) -> DataFrame:
     joined = candidates.join(done, "image_id", "left")
     is_new = F.col("p_status").isNull()
     changed = ~F.col("uri").eqNullSafe(F.col("p_uri")) | ~F.col("source_updated_at").eqNullSafe(F.col("p_updated"))
     due = F.col("p_tagged_at") <= F.current_timestamp() - F.expr(f"INTERVAL {int(tag.retry_after_s)} SECONDS")
-    retry = (
-        F.col("p_status").isin(*st.TRANSIENT) | F.col("p_status").rlike(st.TRANSIENT_HTTP_PATTERN)
-    ) & (F.col("p_attempts") < tag.max_attempts) & due
-    return joined.where(is_new | changed | retry).select(*candidates.columns)
+    again = retry.is_transient(F.col("p_status")) & (F.col("p_attempts") < tag.max_attempts) & due
+    prior: Column = F.when(is_new, F.lit(None)).when(changed, F.lit(0)).otherwise(F.col("p_attempts"))
+    return joined.where(is_new | changed | again).select(*candidates.columns, prior.cast("int").alias("prior_attempts"))

@@ -1,22 +1,34 @@
-"""Tagging: catalogue -> work selection -> worklist in chunks -> per chunk: model UDF -> staged Delta ->
-keyed MERGE -> runs row. Nightly runs are one chunk; backfills many, resumable after a crash."""
+"""Tagging: catalogue -> work selection -> worklist (written once) in chunks -> per chunk: model UDF ->
+staged Delta -> commit (append the new rows, MERGE the rest) -> runs row. Nightly runs are one chunk;
+backfills many, resumable after a crash, with chunk k committed while chunk k+1 scores."""
 
 from __future__ import annotations
 
 import logging
+import math
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
-from pyspark.sql import DataFrame, SparkSession, Window
+from delta.tables import DeltaTable
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from mumic_batch.config import JobCfg, TagCfg, to_dict
-from mumic_batch.io.storage import localize_dir
-from mumic_batch.model.artifact import read_manifest
+from mumic_batch.model.artifact import Manifest, check_artifact
 from mumic_batch.pipeline.runs import RunRecord, recorded
-from mumic_batch.pipeline.selection import catalogue_version, select_work
+from mumic_batch.pipeline.selection import BROADCAST_IDS, Selection, catalogue_version, select_work
 from mumic_batch.spark.udf import EngineSpec, ZeroShotClass, with_predictions
-from mumic_batch.tables.io import delete_path, list_dir, merge_predictions, read_table
-from mumic_batch.tables.schemas import PREDICTIONS, TIMING_COLUMNS
+from mumic_batch.tables import retry
+from mumic_batch.tables.io import (
+    append_predictions,
+    delete_path,
+    ensure_predictions,
+    list_dir,
+    merge_predictions,
+)
+from mumic_batch.tables.schemas import TIMING_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -30,23 +42,26 @@ def run(spark: SparkSession, cfg: JobCfg) -> dict:
 
 
 def _tag(spark: SparkSession, cfg: JobCfg, record: RunRecord) -> dict:
-    manifest = read_manifest(localize_dir(cfg.model.artifact))
+    # The driver only needs the manifest and the weights' checksum; workers load (and check) the model.
+    manifest = check_artifact(cfg.model.artifact)
     record.model_name, record.model_version = manifest.name, manifest.version
     log.info("run %s: model %s version %s from %s", record.run_id, manifest.name, manifest.version,
              cfg.model.artifact)
+    started = time.perf_counter()
     source = catalogue_version(spark, cfg.tables)
-    # Read exactly the version recorded in the runs row, so the next change-feed run starts after it.
-    catalogue = catalogue_rows(read_table(spark, cfg.tables.catalogue, cfg.tables.catalogue_format, source[0]))
-    record.input_rows = catalogue.count()
-    selection = select_work(spark, catalogue, cfg.tables, cfg.tag, manifest.version, source)
+    retry.ensure_retry(spark, cfg.tables.predictions)
+    selection = select_work(spark, cfg.tables, cfg.tag, manifest.version, source)
     record.source, record.source_version = cfg.tables.catalogue, selection.source_version
     record.selection = selection.method
     staging = _staging(spark, cfg.tables.predictions, record.run_id)
     try:
-        chunks = _plan_chunks(spark, selection.rows, f"{staging}/worklist", cfg.tag)
-        record.processed, record.chunks = sum(rows for _, rows in chunks), len(chunks)
-        log.info("run %s: %d catalogue rows, %d to process (selected by %s), chunks: %d", record.run_id,
-                 record.input_rows, record.processed, selection.method, record.chunks)
+        chunks = _worklist(spark, selection, f"{staging}/worklist", cfg.tag)
+        record.input_rows = selection.input_rows()
+        record.processed, record.chunks = sum(c.rows for c in chunks), len(chunks)
+        _add_seconds(record, "select", time.perf_counter() - started)
+        log.info("run %s: %s catalogue rows, %d to process (selected by %s in %.1f s), chunks: %d", record.run_id,
+                 record.input_rows, record.processed, selection.method, record.stage_seconds["select"],
+                 record.chunks)
         if record.processed:
             _score_chunks(spark, cfg, record, staging, chunks, manifest)
         else:
@@ -57,18 +72,14 @@ def _tag(spark: SparkSession, cfg: JobCfg, record: RunRecord) -> dict:
     return summary(cfg, record)
 
 
-def catalogue_rows(df: DataFrame) -> DataFrame:
-    """image_id (derived from the URI when absent), uri and source_updated_at, one row per image_id."""
-    if "uri" not in df.columns:
-        raise ValueError(f"catalogue has no 'uri' column (columns: {', '.join(df.columns)})")
-    if "image_id" not in df.columns:
-        # Same rule as mumic_batch.core.ids.image_id_for: first 16 hex chars of sha1(uri).
-        df = df.withColumn("image_id", F.substring(F.sha1(F.col("uri")), 1, 16))
-    updated = F.col("updated_at").cast("timestamp") if "updated_at" in df.columns else F.lit(None).cast("timestamp")
-    df = df.select(F.col("image_id").cast("string"), F.col("uri").cast("string"),
-                   updated.alias("source_updated_at"))
-    latest = Window.partitionBy("image_id").orderBy(F.col("source_updated_at").desc_nulls_last(), F.col("uri"))
-    return df.withColumn("_n", F.row_number().over(latest)).where("_n = 1").drop("_n")
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk of the worklist: `prior` of its `rows` already have a prediction (MERGEd, not appended)."""
+
+    number: int
+    todo: DataFrame
+    rows: int
+    prior: int
 
 
 def _staging(spark: SparkSession, predictions: str, run_id: str) -> str:
@@ -82,56 +93,92 @@ def _staging(spark: SparkSession, predictions: str, run_id: str) -> str:
     return f"{root}/{run_id}"
 
 
-def _plan_chunks(spark: SparkSession, todo: DataFrame, path: str, tag: TagCfg) -> list[tuple[DataFrame, int]]:
-    """The rows to process as (rows, count) chunks of about tag.chunk_rows.
+def _worklist(spark: SparkSession, selection: Selection, path: str, tag: TagCfg) -> list[Chunk]:
+    """Write the selected rows once to `path` (counted by the commit's metrics) and split them into chunks.
 
-    One chunk is `todo` itself. More are read from a worklist written once to `path` and split by a
-    hash of image_id, so every chunk is a fixed set of rows whatever the MERGEs before it change.
+    Scoring reads the worklist, never the selection plan again. A run of more than tag.chunk_rows
+    rows rewrites the (narrow) worklist once more, partitioned by `chunk`: contiguous ranges of
+    image_id, so that every chunk is a fixed set of rows whatever the commits before it change, and
+    every chunk's appended files cover a narrow slice of ids.
     """
-    rows = todo.count()
-    if rows <= tag.chunk_rows:
-        return [(todo, rows)] if rows else []
-    n = -(-rows // tag.chunk_rows)
-    chunk = F.pmod(F.xxhash64("image_id"), F.lit(n)).cast("int").alias("chunk")
-    # One shuffle partition per chunk value keeps each chunk in a few files, not one per task.
-    todo.select("*", chunk).repartition("chunk").write.format("delta").partitionBy("chunk").save(path)
+    if selection.rows is None:
+        return []
+    selection.rows.write.format("delta").save(path)
+    rows = int(DeltaTable.forPath(spark, path).history(1).first()["operationMetrics"]["numOutputRows"])
+    if rows == 0:
+        return []
     worklist = spark.read.format("delta").load(path)
-    counts = sorted((int(r["chunk"]), int(r["count"])) for r in worklist.groupBy("chunk").count().collect())
-    return [(worklist.where(F.col("chunk") == c).drop("chunk"), count) for c, count in counts]
+    prior = worklist.where(F.col("prior_attempts").isNotNull()).count()
+    if rows <= tag.chunk_rows:
+        return [Chunk(1, worklist, rows, prior)]
+    n = math.ceil(rows / tag.chunk_rows)
+    chunked_path = f"{path}-chunks"
+    (worklist.repartitionByRange(n, "image_id").withColumn("chunk", F.spark_partition_id())
+     .write.format("delta").partitionBy("chunk").save(chunked_path))
+    chunked = spark.read.format("delta").load(chunked_path)
+    counts = sorted(
+        (int(r["chunk"]), int(r["rows"]), int(r["prior"]))
+        for r in chunked.groupBy("chunk").agg(F.count(F.lit(1)).alias("rows"),
+                                              F.count("prior_attempts").alias("prior")).collect()
+    )
+    return [Chunk(i, chunked.where(F.col("chunk") == c).drop("chunk"), count, p)
+            for i, (c, count, p) in enumerate(counts, start=1)]
 
 
-def _score_chunks(spark: SparkSession, cfg: JobCfg, record: RunRecord, staging: str,
-                  chunks: list[tuple[DataFrame, int]], manifest) -> None:
-    """Score and MERGE chunk by chunk: a crash loses at most the chunk in flight, and a rerun resumes."""
+def _score_chunks(spark: SparkSession, cfg: JobCfg, record: RunRecord, staging: str, chunks: list[Chunk],
+                  manifest: Manifest) -> None:
+    """Score chunk by chunk while a driver thread commits the previous one.
+
+    Commits run one at a time and in order, so a crash loses at most the chunk being committed and
+    the one being scored, and a rerun resumes from what was committed. The scoring slots are idle
+    only while the next chunk waits for the previous commit, and during the last commit.
+    """
     spec = EngineSpec(
         artifact=cfg.model.artifact,
         weights_sha256=manifest.weights_sha256,
         zero_shot=tuple(ZeroShotClass(z.name, z.prompt, z.threshold) for z in cfg.model.zero_shot),
         fetch=cfg.fetch, decode=cfg.decode, infer=cfg.infer,
     )
-    record.chunks_merged, done, started = 0, 0, time.perf_counter()
-    for n, (todo, rows) in enumerate(chunks, start=1):
-        log.info("run %s: chunk %d/%d: scoring %d rows", record.run_id, n, len(chunks), rows)
-        _score_and_merge(spark, cfg, record, todo, rows, spec, f"{staging}/scored-{n}")
-        record.chunks_merged, done = n, done + rows
-        _log_progress(record, done, time.perf_counter() - started)
-    wall = record.stage_seconds["score_wall"]
-    record.images_per_s = record.processed / wall if wall > 0 else None
+    slots = task_slots(dict(spark.sparkContext.getConf().getAll()), _executors(spark),
+                       spark.sparkContext.defaultParallelism)
+    ensure_predictions(spark, cfg.tables.predictions)
+    record.chunks_merged, idle, lock, merged = 0, 0.0, threading.Lock(), [0]
+    started = time.perf_counter()
+    pending: Future | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit") as committer:
+        for chunk in chunks:
+            scored = f"{staging}/scored-{chunk.number}"
+            log.info("run %s: chunk %d/%d: scoring %d rows", record.run_id, chunk.number, len(chunks), chunk.rows)
+            _score(spark, cfg, record, chunk, spec, scored, slots, lock)
+            if pending is not None:
+                waited = time.perf_counter()
+                pending.result()
+                idle += time.perf_counter() - waited
+            pending = committer.submit(_commit, spark, cfg, record, chunk, scored, started, lock, merged)
+        waited = time.perf_counter()
+        pending.result()
+        idle += time.perf_counter() - waited
+    wall = time.perf_counter() - started
+    _add_seconds(record, "score_idle", idle, lock)
+    log.info("run %s: scoring slots (%d) idle for %.1f s of %.1f s while waiting for commits", record.run_id,
+             slots, idle, wall)
+    scoring = record.stage_seconds["score_wall"]
+    record.images_per_s = record.processed / scoring if scoring > 0 else None
 
 
-def _score_and_merge(spark: SparkSession, cfg: JobCfg, record: RunRecord, todo: DataFrame, rows: int,
-                     spec: EngineSpec, staging: str) -> None:
-    tasks = score_tasks(cfg.tag, rows, spark.sparkContext.defaultParallelism)
+def _score(spark: SparkSession, cfg: JobCfg, record: RunRecord, chunk: Chunk, spec: EngineSpec, staging: str,
+           slots: int, lock: threading.Lock) -> None:
+    """Run the model once over the chunk into the staging table `staging`."""
+    tasks = score_tasks(cfg.tag, chunk.rows, slots)
     # An explicit count survives adaptive execution, which would otherwise coalesce a small URI table
     # into a single task and leave every other task slot (and GPU) idle.
-    todo = todo.repartition(tasks)
-    log.info("run %s: scoring in %d tasks", record.run_id, tasks)
+    todo = chunk.todo.select("image_id", "uri", "source_updated_at").repartition(tasks)
+    log.info("run %s: scoring in %d tasks (%d scoring slots)", record.run_id, tasks, slots)
     scored = with_predictions(todo, spec).select(
         "*",
         F.lit(record.model_name).alias("model_name"),
         F.lit(record.model_version).alias("model_version"),
         F.lit(spec.weights_sha256).alias("model_sha256"),
-        F.lit(1).alias("attempts"),
         F.lit(record.run_id).alias("run_id"),
         F.current_timestamp().alias("tagged_at"),
     )
@@ -139,21 +186,68 @@ def _score_and_merge(spark: SparkSession, cfg: JobCfg, record: RunRecord, todo: 
     # Materialise the UDF once: MERGE reads its source twice and fetching is not deterministic.
     scored.write.format("delta").mode("overwrite").save(staging)
     scored_s = time.perf_counter() - started
+    _add_stats(record, spark.read.format("delta").load(staging), scored_s, lock)
+
+
+def _commit(spark: SparkSession, cfg: JobCfg, record: RunRecord, chunk: Chunk, staging: str, started: float,
+            lock: threading.Lock, merged: list[int]) -> None:
+    began = time.perf_counter()
+    commit_chunk(spark, cfg.tables.predictions, cfg.tag, record.run_id, record.model_version, chunk, staging)
+    with lock:
+        record.chunks_merged += 1
+        record.stage_seconds["write"] = record.stage_seconds.get("write", 0.0) + time.perf_counter() - began
+        merged[0] += chunk.rows
+    elapsed = time.perf_counter() - started
+    rate = merged[0] / elapsed if elapsed > 0 else 0.0
+    left = (record.processed - merged[0]) / rate if rate else 0.0
+    log.info("run %s: chunk %d/%d merged into predictions: %d of %d rows (%.0f%%), %.1f images/s, about %.0f s left",
+             record.run_id, chunk.number, record.chunks, merged[0], record.processed,
+             100.0 * merged[0] / record.processed, rate, left)
+
+
+def commit_chunk(spark: SparkSession, predictions: str, tag: TagCfg, run_id: str, model_version: str, chunk: Chunk,
+                 staging: str) -> None:
+    """Commit one scored chunk into an existing predictions table (ensure_predictions): append its
+    new rows (at most once per run and chunk), MERGE the rest, and keep the retry table a superset
+    of the transient failures."""
     staged = spark.read.format("delta").load(staging)
-    _add_stats(record, staged, scored_s)
-    merge_started = time.perf_counter()
-    merge_predictions(spark, staged.select(*[f.name for f in PREDICTIONS.fields]), cfg.tables.predictions,
-                      record.model_version)
-    _add_seconds(record, "write", time.perf_counter() - merge_started)
+    if chunk.prior:
+        prior = chunk.todo.where(F.col("prior_attempts").isNotNull()).select("image_id", "prior_attempts")
+        staged = staged.join(F.broadcast(prior) if chunk.prior <= BROADCAST_IDS else prior, "image_id", "left")
+    else:
+        staged = staged.withColumn("prior_attempts", F.lit(None).cast("int"))
+    # What the MERGE will count; the retry table needs it before the commit.
+    staged = staged.withColumn("attempts", (F.coalesce("prior_attempts", F.lit(0)) + 1).cast("int"))
+    failed = staged.where(retry.is_transient(F.col("status"))).limit(1).count() > 0
+    if failed:
+        retry.add_failures(spark, predictions, staged, tag.max_attempts)
+    if chunk.rows > chunk.prior:
+        append_predictions(spark, staged.where(F.col("prior_attempts").isNull()), predictions, f"{JOB}:{run_id}",
+                           chunk.number)
+    if chunk.prior:
+        merge_predictions(spark, staged.where(F.col("prior_attempts").isNotNull()), predictions, model_version)
+    # Only rows that had a prediction, or failed just now, can be in the retry table.
+    if chunk.prior or failed:
+        retry.remove_resolved(spark, predictions, staged, tag.max_attempts)
     delete_path(spark, staging)
 
 
-def _log_progress(record: RunRecord, done: int, elapsed: float) -> None:
-    rate = done / elapsed if elapsed > 0 else 0.0
-    left = (record.processed - done) / rate if rate else 0.0
-    log.info("run %s: chunk %d/%d merged into predictions: %d of %d rows (%.0f%%), %.1f images/s, about %.0f s left",
-             record.run_id, record.chunks_merged, record.chunks, done, record.processed,
-             100.0 * done / record.processed, rate, left)
+def task_slots(conf: dict[str, str], executors: int, default_parallelism: int) -> int:
+    """Tasks that can score at once: GPU slots when tasks request GPUs, else CPU slots."""
+    gpu = float(conf.get("spark.task.resource.gpu.amount", "0") or 0)
+    if gpu > 0:
+        per_executor = float(conf.get("spark.executor.resource.gpu.amount", "1"))
+        instances = int(conf.get("spark.executor.instances", "0") or 0)
+        return max(1, math.floor(max(instances, executors, 1) * per_executor / gpu + 1e-9))
+    return max(1, default_parallelism // max(1, int(conf.get("spark.task.cpus", "1"))))
+
+
+def _executors(spark: SparkSession) -> int:
+    """Executors registered now (local mode: the driver is the executor)."""
+    sc = spark.sparkContext
+    if sc.master.startswith("local"):
+        return 1
+    return max(1, sc._jsc.sc().getExecutorMemoryStatus().size() - 1)
 
 
 def score_tasks(tag: TagCfg, rows: int, slots: int) -> int:
@@ -163,19 +257,26 @@ def score_tasks(tag: TagCfg, rows: int, slots: int) -> int:
     return max(1, min(slots, -(-rows // tag.rows_per_task)))
 
 
-def _add_stats(record: RunRecord, staged: DataFrame, scored_s: float) -> None:
+def _add_stats(record: RunRecord, staged: DataFrame, scored_s: float, lock: threading.Lock) -> None:
     """Add one chunk's counts by status and summed stage times, from one aggregation over its rows."""
     rows = staged.groupBy("status").agg(F.count("*").alias("n"), *[F.sum(c).alias(c) for c in TIMING_COLUMNS]).collect()
-    for r in rows:
-        record.status_counts[r["status"]] = record.status_counts.get(r["status"], 0) + int(r["n"])
+    with lock:
+        for r in rows:
+            record.status_counts[r["status"]] = record.status_counts.get(r["status"], 0) + int(r["n"])
     for c in TIMING_COLUMNS:
-        _add_seconds(record, c.removesuffix("_ms"), sum(float(r[c] or 0.0) for r in rows) / 1000.0)
-    _add_seconds(record, "score_wall", scored_s)
+        _add_seconds(record, c.removesuffix("_ms"), sum(float(r[c] or 0.0) for r in rows) / 1000.0, lock)
+    _add_seconds(record, "score_wall", scored_s, lock)
     log.info("run %s: status counts so far %s", record.run_id, record.status_counts)
 
 
-def _add_seconds(record: RunRecord, stage: str, seconds: float) -> None:
-    record.stage_seconds[stage] = record.stage_seconds.get(stage, 0.0) + seconds
+def _add_seconds(record: RunRecord, stage: str, seconds: float, lock: threading.Lock | None = None) -> None:
+    if lock is None:
+        record.stage_seconds[stage] = record.stage_seconds.get(stage, 0.0) + seconds
+        return
+    with lock:
+        record.stage_seconds[stage] = record.stage_seconds.get(stage, 0.0) + seconds
+
+
 
 
 def summary(cfg: JobCfg, record: RunRecord) -> dict:

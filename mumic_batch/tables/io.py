@@ -1,4 +1,4 @@
-"""Reading input tables and writing Delta outputs (keyed MERGE, appends)."""
+"""Reading input tables and writing Delta outputs (keyed MERGE, idempotent appends)."""
 
 from __future__ import annotations
 
@@ -72,9 +72,41 @@ def ensure_delta(spark: SparkSession, path: str, schema, partition_by: tuple[str
     return builder.execute()
 
 
+def ensure_predictions(spark: SparkSession, path: str) -> DeltaTable:
+    """The predictions table, created if absent, with PREDICTIONS_PROPERTIES set (older tables in place)."""
+    table = ensure_delta(spark, path, PREDICTIONS, (PREDICTIONS_PARTITION,), PREDICTIONS_PROPERTIES)
+    props = table.detail().select("properties").first()["properties"] or {}
+    missing = {k: v for k, v in PREDICTIONS_PROPERTIES.items() if props.get(k) != v}
+    if missing:
+        # Enabling deletion vectors upgrades the protocol (reader 3 / writer 7): docs/tables.md lists the
+        # outside readers that still read the table afterwards.
+        log.warning("upgrading predictions table %s in place: setting %s", path, missing)
+        settings = ", ".join(f"'{k}' = '{v}'" for k, v in missing.items())
+        spark.sql(f"ALTER TABLE delta.`{qualified(path)}` SET TBLPROPERTIES ({settings})")
+    return table
+
+
+def append_predictions(spark: SparkSession, source: DataFrame, path: str, app_id: str, txn_version: int) -> bool:
+    """Append rows whose keys are not in the table yet, at most once per (app_id, txn_version).
+
+    Delta records the pair in the commit and skips a later write with the same pair, so a replayed
+    chunk (a retried commit, a resumed driver loop) adds nothing. Returns False when it was skipped.
+    """
+    before = DeltaTable.forPath(spark, path).history(1).select("version").first()["version"]
+    (
+        source.select(*[f.name for f in PREDICTIONS.fields]).write.format("delta").mode("append")
+        .option("txnAppId", app_id).option("txnVersion", txn_version).save(path)
+    )
+    after = DeltaTable.forPath(spark, path).history(1).select("version").first()["version"]
+    if after == before:
+        log.info("append %s/%d is already in %s: skipped", app_id, txn_version, path)
+    return after != before
+
+
 def merge_predictions(spark: SparkSession, source: DataFrame, path: str, model_version: str) -> None:
-    """Upsert prediction rows keyed by (image_id, model_version); a rerun adds no rows."""
-    target = ensure_delta(spark, path, PREDICTIONS, (PREDICTIONS_PARTITION,), PREDICTIONS_PROPERTIES)
+    """Upsert prediction rows keyed by (image_id, model_version) into ensure_predictions' table; a rerun
+    adds no rows."""
+    target = DeltaTable.forPath(spark, path)
     # The literal partition predicate keeps the MERGE from reading (and conflicting on) other versions.
     version = model_version.replace("'", "''")
     keys = " AND ".join(f"t.{k} = s.{k}" for k in PREDICTION_KEYS)

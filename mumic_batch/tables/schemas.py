@@ -39,12 +39,26 @@ PREDICTIONS = StructType(
 
 PREDICTION_KEYS = ("image_id", "model_version")
 PREDICTIONS_PARTITION = "model_version"
-# docs/tables.md says why: downstream jobs read tonight's changes from the change feed, and file
-# statistics cover the columns queries filter on instead of the first 32 (maps and arrays get none).
+# docs/tables.md says why: downstream jobs read tonight's changes from the change feed, file
+# statistics cover the columns queries filter on instead of the first 32 (maps and arrays get none),
+# and deletion vectors let a MERGE that updates a few rows mark them deleted instead of rewriting
+# every file that holds one of them.
 PREDICTIONS_PROPERTIES = {
     "delta.enableChangeDataFeed": "true",
+    "delta.enableDeletionVectors": "true",
     "delta.dataSkippingStatsColumns": "image_id,status,run_id,tagged_at,content_sha256",
 }
+
+# The retry table (`<predictions>__retry`): the predictions that failed with a transient status, so
+# that a nightly run finds its retry candidates without scanning the predictions partition. It may
+# hold rows that have since succeeded (selection checks them against predictions), never fewer.
+RETRY = StructType([
+    StructField("image_id", StringType(), False),
+    StructField("model_version", StringType(), False),
+    StructField("status", StringType(), False),
+    StructField("attempts", IntegerType(), False),
+    StructField("tagged_at", TimestampType(), False),
+])
 
 RUNS = StructType([
     StructField("run_id", StringType(), False),
