@@ -72,6 +72,7 @@ class NullModel:
 class _Class:
     def __init__(self, name: str, threshold: float, zero_shot: bool) -> None:
         self.name, self.threshold, self.zero_shot, self.prompt = name, threshold, zero_shot, name
+        self.effective_threshold = threshold
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

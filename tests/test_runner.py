@@ -310,3 +310,16 @@ def test_device_names_are_checked_and_workers_spread_over_gpus():
         resolve_device("tpu")
     assert [spread_index(w, 4) for w in range(6)] == [0, 1, 2, 3, 0, 1]
     assert spread_index(5, 0) == 0
+
+
+def test_a_class_validation_left_unassigned_is_never_a_label(tiny_predictor, hostile_images):
+    import dataclasses
+
+    model = Recording(tiny_predictor)
+    model.classes = tuple(dataclasses.replace(c, threshold=0.0, assign=(i != 0))
+                          for i, c in enumerate(tiny_predictor.classes))
+    runner = make_runner(model)
+    out = pa.Table.from_batches(list(runner.run([arrow_frame([str(hostile_images["jpeg"])] * 2)]))).to_pylist()
+    runner.close()
+    names = [c.name for c in tiny_predictor.classes]
+    assert [r["labels"] for r in out] == [names[1:]] * 2  # threshold 0 assigns every class except the unassigned

@@ -85,7 +85,8 @@ class Runner:
         self.pool = ThreadPoolExecutor(max_workers=max(fetch_threads, workers), thread_name_prefix="mumic-prepare")
         self.feeder = DeviceFeeder(model, infer_cfg.batch_size, infer_cfg.prefetch_batches, self._decode_fallback)
         classes = model.classes
-        self.outputs = OutputBuilder([c.name for c in classes], np.array([c.threshold for c in classes]),
+        # a class validation could not make reach its precision is never assigned (threshold infinite)
+        self.outputs = OutputBuilder([c.name for c in classes], np.array([c.effective_threshold for c in classes]),
                                      [c.zero_shot for c in classes])
         log.info("runner ready: %d classes (%d zero-shot), batch %d, %d batches ahead, %d decode workers, "
                  "%d fetch threads, decode on %s, device %s", len(classes), sum(c.zero_shot for c in classes),
