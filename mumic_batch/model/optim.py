@@ -1,4 +1,4 @@
-"""Pieces shared by pretraining and fine-tuning: devices, autocast, parameter groups, schedule, augmentation."""
+"""Pieces shared by pretraining and fine-tuning: parameter groups, schedule, augmentation."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from mumic_batch.model.device import autocast, resolve_device  # noqa: F401 - re-exported for training code
 
 
 def param_group(params: Iterable[nn.Parameter], lr: float, weight_decay: float) -> list[dict]:

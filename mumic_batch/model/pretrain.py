@@ -19,8 +19,9 @@ from open_clip.loss import ClipLoss
 from torch import Tensor
 
 from mumic_batch.config import PretrainCfg
+from mumic_batch.model.device import autocast
 from mumic_batch.model.mumic import MuMIC
-from mumic_batch.model.optim import autocast, epoch_generator, param_group, random_shift, warmup_cosine
+from mumic_batch.model.optim import epoch_generator, param_group, random_shift, warmup_cosine
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,10 @@ from torch import Tensor, nn
 
 from mumic_batch.config import TrainCfg
 from mumic_batch.core.metrics import gap_at_k
+from mumic_batch.model.device import autocast
 from mumic_batch.model.losses import asymmetric_loss, feature_preservation, focal_loss, tempered_sigmoid_bce
 from mumic_batch.model.mumic import MuMIC
-from mumic_batch.model.optim import autocast, epoch_generator, param_group, random_shift, warmup_cosine
+from mumic_batch.model.optim import epoch_generator, param_group, random_shift, warmup_cosine
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from mumic_batch.model.artifact import ClassEntry, save_artifact
 from mumic_batch.model.backbone import named_architecture, preprocess_spec
 from mumic_batch.model.images import load_pixels
 from mumic_batch.model.mumic import build_mumic
-from mumic_batch.model.optim import resolve_device
+from mumic_batch.model.device import resolve_device
 from mumic_batch.model.pretrain import PairSet, pretrain
 from mumic_batch.pipeline.labels import read_labels, training_classes
 from mumic_batch.pipeline.runs import RunRecord, recorded

@@ -29,7 +29,7 @@ from mumic_batch.model.artifact import ClassEntry, save_artifact
 from mumic_batch.model.backbone import preprocess_spec
 from mumic_batch.model.base import load_base
 from mumic_batch.model.images import load_pixels
-from mumic_batch.model.optim import resolve_device
+from mumic_batch.model.device import resolve_device
 from mumic_batch.model.train import Classifier, FitResult, LabelledSet, fit, predict, tower_weights, wise_ft
 from mumic_batch.pipeline.labels import LabelsTable, map_class_indices, multi_hot, read_labels, training_classes
 from mumic_batch.pipeline.runs import RunRecord, recorded
