@@ -12,6 +12,7 @@ table and model paths and the step command lines.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import subprocess
@@ -133,7 +134,9 @@ def threshold_check(tuned: dict) -> tuple[list[str], list[str]]:
     return misses, over
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    # The demo overwrites data/ and retrains: --help must describe it and do nothing else.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     commands = base_commands()
     results = {name: run_step(name, cmd) for name, cmd in commands.items()}
     version = results["train"]["version"]

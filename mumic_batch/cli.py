@@ -10,6 +10,7 @@ import sys
 from typing import Callable
 
 from mumic_batch.config import ConfigError, JobCfg, load_config
+from mumic_batch.core.errors import RunStopped, failure_message
 
 log = logging.getLogger("mumic_batch.job")
 
@@ -44,9 +45,14 @@ def run_job(name: str, args: argparse.Namespace, overrides: list[str], body: Cal
         log.error("%s: bad configuration: %s", name, err)
         print(json.dumps({"job": name, "ok": False, "error": str(err)}))
         return 2
+    except RunStopped as err:
+        log.error("%s ended %s: %s", name, err.outcome, err)
+        print(json.dumps({"job": name, "ok": False, "outcome": err.outcome, "error": failure_message(err),
+                          "run_id": getattr(err, "run_id", None)}))
+        return err.exit_code
     except Exception as err:
         log.exception("%s failed", name)
-        print(json.dumps({"job": name, "ok": False, "error": f"{type(err).__name__}: {err}"}))
+        print(json.dumps({"job": name, "ok": False, "error": failure_message(err), "run_id": getattr(err, "run_id", None)}))
         return 1
     print(json.dumps({"ok": True, **summary}, default=str))
     return 0

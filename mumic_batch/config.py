@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class SparkCfg:
-    master: str = "local[2]"  # Spark master URL; spark-submit's --master wins when set there
+    master: str = "local[2,4]"  # Spark master URL (local[N,M]: N cores, each task tried up to M times); spark-submit's --master wins
     app_name: str = "mumic-batch"  # Spark application name (a job adds its own suffix)
     delta_package: str = "io.delta:delta-spark_2.13:4.0.0"  # Maven coordinate of Delta's jars
     packages: tuple[str, ...] = ()  # extra Maven coordinates (e.g. hadoop-aws for s3a tables)
@@ -150,6 +150,17 @@ DECODERS = ("cpu", "gpu")
 
 
 @dataclass(frozen=True)
+class ErrorRateCfg:
+    permanent: float = 0.5  # largest share of a run's rows with a permanent failure (not_found, decode_error, http_404, ...)
+    transient: float = 0.5  # largest share with a transient failure (timeout, fetch_error, throttled, http_5xx; retried later)
+    policy: float = 0.5  # largest share refused by the fetch policy (blocked_*, too_large, too_many_redirects)
+
+    def __post_init__(self) -> None:
+        for key in ("permanent", "transient", "policy"):
+            _require(0.0 <= getattr(self, key) <= 1.0, f"tag.max_error_rate.{key}", "must be between 0 and 1")
+
+
+@dataclass(frozen=True)
 class TagCfg:
     full: bool = False  # reprocess every catalogue row, not only new/changed/failed ones
     max_attempts: int = 3  # rows with a transient failure are retried by later runs up to this many attempts
@@ -157,6 +168,9 @@ class TagCfg:
     partitions: int = 0  # tasks to score in; 0: auto, one per task slot, at least rows_per_task rows each
     rows_per_task: int = 500  # auto partitioning: fewer rows than this per task are not worth a model load
     chunk_rows: int = 1_000_000  # rows scored and merged per chunk; a crash loses at most the chunk in flight
+    max_error_rate: ErrorRateCfg = field(default_factory=ErrorRateCfg)  # above these shares of failed rows the run ends failed (its rows are kept)
+    min_ok_rows: int = 0  # a run with fewer ok rows than this ends failed, also when it had nothing to do
+    lease_s: float = 300.0  # one run per (predictions table, model version): its lease, renewed every lease_s/3; a killed run's lease is taken over after this
 
     def __post_init__(self) -> None:
         _require(self.max_attempts >= 1, "tag.max_attempts", "must be >= 1")
@@ -164,6 +178,8 @@ class TagCfg:
         _require(self.rows_per_task >= 1, "tag.rows_per_task", "must be >= 1")
         _require(self.chunk_rows >= 1, "tag.chunk_rows", "must be >= 1")
         _require(self.retry_after_s >= 0, "tag.retry_after_s", "must be >= 0")
+        _require(self.min_ok_rows >= 0, "tag.min_ok_rows", "must be >= 0")
+        _require(self.lease_s > 0, "tag.lease_s", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -392,7 +408,10 @@ def _jsonable(value: Any) -> Any:
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return data
@@ -409,7 +428,18 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override '{item}': '{part}' is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{item}': the value is not valid YAML: {_yaml_problem(err)} "
+                          "(quote strings that hold ':', '[' or '{')") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's problem and position on one line (its own text spans lines and names '<unicode string>')."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 def build(cls: type, raw: Any, prefix: str) -> Any:

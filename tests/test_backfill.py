@@ -20,11 +20,10 @@ from mumic_batch.pipeline.runs import RunRecord
 from mumic_batch.pipeline.sample import CATALOGUE
 from mumic_batch.tables.io import append_rows
 from mumic_batch.tables.schemas import RUNS
-from tests.fixtures.tagging import run_tag_job, tag_args
+from tests.fixtures.tagging import run_tag_job, start_tag_job, tag_args, wait_for_lease_expiry
 
 pytestmark = pytest.mark.spark
 
-ROOT = Path(__file__).resolve().parents[1]
 MERGED = re.compile(r"run (\w+): chunk 1/(\d+) merged into predictions")
 
 
@@ -44,13 +43,17 @@ def catalogue(spark, sample_rows, tmp_path_factory) -> str:
     return path
 
 
+LEASE_S = 8  # short, so that a killed run's lease expires soon; long enough to renew on a loaded machine
+
+
 def backfill_args(tmp: Path, catalogue: str, artifact: Path) -> list[str]:
-    return tag_args(tmp, catalogue, artifact, "--set", "tag.chunk_rows=8")
+    return tag_args(tmp, catalogue, artifact, "--set", "tag.chunk_rows=8", "--set", f"tag.lease_s={LEASE_S}")
 
 
-def staging_entries(tmp: Path) -> list[str]:
+def staging_entries(tmp: Path) -> list[str] | None:
+    """The run directories under the staging root; None when no staging root is left at all."""
     root = tmp / "predictions__staging"
-    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+    return sorted(p.name for p in root.iterdir()) if root.exists() else None
 
 
 def test_chunked_run_tags_every_row_once_and_records_chunks(spark, capsys, tmp_path, catalogue, tiny_artifact):
@@ -62,14 +65,7 @@ def test_chunked_run_tags_every_row_once_and_records_chunks(spark, capsys, tmp_p
     run = spark.read.format("delta").load(str(tmp_path / "runs")).first()
     assert (run["chunks"], run["chunks_merged"], run["processed"]) == (3, 3, 24)
     assert sum(run["status_counts"].values()) == 24
-    assert staging_entries(tmp_path) == []
-
-
-def start_tag_job(args: list[str], log_file: Path) -> subprocess.Popen:
-    """The tagging job as a separate process group (driver, JVM and Python workers), logging to a file."""
-    cmd = [sys.executable, "-m", "jobs.tag_images", "--config", "conf/local.yaml", *args]
-    with log_file.open("w") as log:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    assert staging_entries(tmp_path) is None
 
 
 def kill_after_first_chunk(proc: subprocess.Popen, log_file: Path, timeout_s: float = 300) -> str:
@@ -95,6 +91,7 @@ def test_killed_backfill_resumes_without_loss_or_duplicates(spark, capsys, tmp_p
     merged = {r["image_id"] for r in preds.select("image_id").collect()}
     assert 0 < len(merged) < 24, "the kill must land between the first chunk's MERGE and the last"
     assert staging_entries(tmp_path) == [killed_run]  # a killed driver cannot clean up
+    wait_for_lease_expiry(spark, tmp_path / "predictions")  # until then a new run exits: see test_operations
 
     summary, log = run_tag_job(capsys, args)
 
@@ -103,7 +100,9 @@ def test_killed_backfill_resumes_without_loss_or_duplicates(spark, capsys, tmp_p
     assert rows.count() == 24 and rows.select("image_id").distinct().count() == 24
     first = rows.where(F.col("image_id").isin(*merged)).select("run_id", "attempts").distinct().collect()
     assert [(r["run_id"], r["attempts"]) for r in first] == [(killed_run, 1)]  # not scored again
-    assert re.search(rf"WARNING .*staging directories of other runs.*{killed_run}", log)
+    assert re.search(rf"WARNING .*taking over the expired lease of run {killed_run}", log)
+    assert re.search(rf"WARNING .*removing staging directory .*{killed_run}", log)
+    assert staging_entries(tmp_path) is None
     assert run_tag_job(capsys, args)[0]["processed"] == 0
 
 
@@ -119,6 +118,7 @@ def test_killed_change_feed_run_resumes_from_the_last_successful_version(spark, 
     kill_after_first_chunk(start_tag_job(args, tmp_path / "job.log"), tmp_path / "job.log")
     merged = spark.read.format("delta").load(str(tmp_path / "predictions")).count() - 8
     assert 0 < merged < 16
+    wait_for_lease_expiry(spark, tmp_path / "predictions")
 
     # The killed run recorded no catalogue version, so the change feed starts after the first run's.
     summary, _ = run_tag_job(capsys, args)

@@ -40,6 +40,24 @@ TRANSIENT = frozenset({TIMEOUT, FETCH_ERROR, THROTTLED, INTERNAL_ERROR})
 TRANSIENT_HTTP_PATTERN = r"^http_(408|429|5[0-9][0-9])$"
 
 
+# Rows refused by this job's own fetch policy (fetch.* allow-lists, size cap): a night full of them
+# usually means a wrong config or a catalogue pointing somewhere new, not bad images.
+POLICY = frozenset({BLOCKED_SCHEME, BLOCKED_BUCKET, BLOCKED_HOST, BLOCKED_DESTINATION, BLOCKED_PATH, TOO_LARGE,
+                    TOO_MANY_REDIRECTS})
+
+# The classes tag.max_error_rate limits; every status other than `ok` is in exactly one.
+PERMANENT_CLASS, TRANSIENT_CLASS, POLICY_CLASS = "permanent", "transient", "policy"
+
+
+def status_class(status: str) -> str:
+    """ok, transient (retried by later runs), policy (refused by the fetch policy) or permanent."""
+    if status == OK:
+        return OK
+    if is_transient(status):
+        return TRANSIENT_CLASS
+    return POLICY_CLASS if status in POLICY else PERMANENT_CLASS
+
+
 def is_transient(status: str) -> bool:
     """True when a later run should retry a row that ended with `status`."""
     return status in TRANSIENT or re.match(TRANSIENT_HTTP_PATTERN, status) is not None

@@ -12,6 +12,7 @@ from typing import TypeVar
 
 from pyspark.sql import SparkSession
 
+from mumic_batch.core.errors import RunStopped, failure_message
 from mumic_batch.tables.io import append_rows
 from mumic_batch.tables.schemas import RUNS
 
@@ -34,8 +35,10 @@ class RunRecord:
     source_version: int | None = None
     selection: str | None = None
     input_rows: int | None = None
-    processed: int | None = None
-    status_counts: dict[str, int] = field(default_factory=dict)
+    processed: int | None = None  # rows committed to the output (scored and merged)
+    selected: int | None = None  # rows the run set out to process
+    status_counts: dict[str, int] = field(default_factory=dict)  # of the committed rows
+    status_examples: dict[str, str] = field(default_factory=dict)  # one uri per status (for messages)
     images_per_s: float | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     message: str | None = None
@@ -47,7 +50,7 @@ class RunRecord:
             self.run_id, self.job, self.model_name, self.model_version,
             json.dumps(self.config, sort_keys=True), self.started_at, datetime.now(timezone.utc),
             outcome, self.message, self.source, self.source_version, self.selection, self.input_rows, self.processed, self.status_counts,
-            self.images_per_s, self.stage_seconds, self.chunks, self.chunks_merged,
+            self.images_per_s, self.stage_seconds, self.chunks, self.chunks_merged, self.selected,
         )
 
 
@@ -63,12 +66,14 @@ def write_run(spark: SparkSession, record: RunRecord, path: str, outcome: str) -
 
 
 def recorded(spark: SparkSession, record: RunRecord, path: str, work: Callable[[], T]) -> T:
-    """Run work() and append the run's row: succeeded, or failed with the error as its message."""
+    """Run work() and append the run's row: succeeded, or failed (locked, ...) with the cause as its message."""
     try:
         result = work()
     except Exception as err:
-        record.message = f"{type(err).__name__}: {err}"
-        write_run(spark, record, path, "failed")
+        record.message = failure_message(err)
+        err.run_id = record.run_id  # the job's JSON summary names the run, to find its runs row
+        write_run(spark, record, path, err.outcome if isinstance(err, RunStopped) else "failed")
         raise
     write_run(spark, record, path, "succeeded")
     return result
+

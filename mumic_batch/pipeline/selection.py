@@ -27,7 +27,7 @@ from pyspark.sql import functions as F
 
 from mumic_batch.config import TablesCfg, TagCfg
 from mumic_batch.tables import retry
-from mumic_batch.tables.io import read_table, resolve_format, table_exists
+from mumic_batch.tables.io import TableError, read_table, resolve_format, table_exists
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,13 @@ def last_source_version(spark: SparkSession, tables: TablesCfg, model_version: s
 def normalised(df: DataFrame) -> DataFrame:
     """image_id (derived from the URI when absent), uri and source_updated_at of every catalogue row."""
     if "uri" not in df.columns:
-        raise ValueError(f"catalogue has no 'uri' column (columns: {', '.join(df.columns)})")
+        raise TableError(f"catalogue has no 'uri' column (columns: {', '.join(df.columns)})")
+    uri_type = dict(df.dtypes)["uri"]
+    if uri_type != "string":
+        # A cast would turn numbers into relative paths and every row into blocked_path or not_found.
+        raise TableError(f"catalogue column 'uri' has type {uri_type}, not string: it must hold image URIs "
+                         "(s3://..., https://... or file paths); fix the catalogue table or point "
+                         "tables.catalogue at the right one")
     if "image_id" not in df.columns:
         # Same rule as mumic_batch.core.ids.image_id_for: first 16 hex chars of sha1(uri).
         df = df.withColumn("image_id", F.substring(F.sha1(F.col("uri")), 1, 16))

@@ -9,13 +9,15 @@ import math
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from mumic_batch.config import JobCfg, TagCfg, to_dict
+from mumic_batch.core.errors import ThresholdsExceeded
+from mumic_batch.core.health import check_thresholds
 from mumic_batch.model.artifact import Manifest, check_artifact
 from mumic_batch.pipeline.runs import RunRecord, recorded
 from mumic_batch.pipeline.selection import BROADCAST_IDS, Selection, catalogue_version, select_work
@@ -23,11 +25,13 @@ from mumic_batch.spark.udf import EngineSpec, ZeroShotClass, with_predictions
 from mumic_batch.tables import retry
 from mumic_batch.tables.io import (
     append_predictions,
+    delete_if_empty,
     delete_path,
     ensure_predictions,
     list_dir,
     merge_predictions,
 )
+from mumic_batch.tables.lease import Lease, live_runs
 from mumic_batch.tables.schemas import TIMING_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -42,34 +46,47 @@ def run(spark: SparkSession, cfg: JobCfg) -> dict:
 
 
 def _tag(spark: SparkSession, cfg: JobCfg, record: RunRecord) -> dict:
-    # The driver only needs the manifest and the weights' checksum; workers load (and check) the model.
+    # Checked on every run, also one with nothing to score: a corrupt model fails the night it appears.
+    # The driver streams the weights through sha256 once and builds no model; workers check again.
     manifest = check_artifact(cfg.model.artifact)
     record.model_name, record.model_version = manifest.name, manifest.version
     log.info("run %s: model %s version %s from %s", record.run_id, manifest.name, manifest.version,
              cfg.model.artifact)
+    with Lease(spark, cfg.tables.predictions, manifest.version, record.run_id, cfg.tag.lease_s) as lease:
+        _select_and_score(spark, cfg, record, manifest, lease)
+    failure = check_thresholds(record.status_counts, record.status_examples, asdict(cfg.tag.max_error_rate),
+                               cfg.tag.min_ok_rows)
+    if failure:
+        raise ThresholdsExceeded(f"run {record.run_id} committed its {record.processed} rows but is failed: {failure}")
+    return summary(cfg, record)
+
+
+def _select_and_score(spark: SparkSession, cfg: JobCfg, record: RunRecord, manifest: Manifest, lease: Lease) -> None:
     started = time.perf_counter()
     source = catalogue_version(spark, cfg.tables)
     retry.ensure_retry(spark, cfg.tables.predictions)
     selection = select_work(spark, cfg.tables, cfg.tag, manifest.version, source)
     record.source, record.source_version = cfg.tables.catalogue, selection.source_version
     record.selection = selection.method
-    staging = _staging(spark, cfg.tables.predictions, record.run_id)
+    root = staging_root(cfg.tables.predictions)
+    _remove_stale_staging(spark, cfg.tables.predictions, root, record.run_id)
+    staging = f"{root}/{record.run_id}"
     try:
         chunks = _worklist(spark, selection, f"{staging}/worklist", cfg.tag)
         record.input_rows = selection.input_rows()
-        record.processed, record.chunks = sum(c.rows for c in chunks), len(chunks)
+        record.selected, record.chunks, record.processed = sum(c.rows for c in chunks), len(chunks), 0
         _add_seconds(record, "select", time.perf_counter() - started)
         log.info("run %s: %s catalogue rows, %d to process (selected by %s in %.1f s), chunks: %d", record.run_id,
-                 record.input_rows, record.processed, selection.method, record.stage_seconds["select"],
+                 record.input_rows, record.selected, selection.method, record.stage_seconds["select"],
                  record.chunks)
-        if record.processed:
-            _score_chunks(spark, cfg, record, staging, chunks, manifest)
+        if record.selected:
+            _score_chunks(spark, cfg, record, staging, chunks, manifest, lease)
         else:
             record.message = "nothing to do: every catalogue row already has a current prediction"
             log.info("run %s: %s", record.run_id, record.message)
     finally:
         delete_path(spark, staging)
-    return summary(cfg, record)
+        delete_if_empty(spark, root)
 
 
 @dataclass(frozen=True)
@@ -82,15 +99,24 @@ class Chunk:
     prior: int
 
 
-def _staging(spark: SparkSession, predictions: str, run_id: str) -> str:
-    """This run's staging directory; warns about directories that other runs left behind."""
-    root = f"{predictions.rstrip('/')}__staging"
+def staging_root(predictions: str) -> str:
+    """Where runs stage their worklists and scored chunks (one directory per run id)."""
+    return f"{predictions.rstrip('/')}__staging"
+
+
+def _remove_stale_staging(spark: SparkSession, predictions: str, root: str, run_id: str) -> None:
+    """Delete the staging directories of runs that hold no live lease (killed, or crashed before cleaning up)."""
     others = [name for name in list_dir(spark, root) if name != run_id]
-    if others:
-        log.warning("%d staging directories of other runs are under %s (runs still going, or killed before "
-                    "they cleaned up: %s); delete those of runs that are not running", len(others), root,
-                    ", ".join(others[:5]))
-    return f"{root}/{run_id}"
+    if not others:
+        return
+    live = live_runs(spark, predictions)
+    for name in others:
+        if name in live:
+            log.info("staging directory %s/%s belongs to run %s, which holds a live lease: kept", root, name, name)
+            continue
+        log.warning("removing staging directory %s/%s: run %s holds no live lease (it was killed or crashed "
+                    "before cleaning up)", root, name, name)
+        delete_path(spark, f"{root}/{name}")
 
 
 def _worklist(spark: SparkSession, selection: Selection, path: str, tag: TagCfg) -> list[Chunk]:
@@ -126,12 +152,13 @@ def _worklist(spark: SparkSession, selection: Selection, path: str, tag: TagCfg)
 
 
 def _score_chunks(spark: SparkSession, cfg: JobCfg, record: RunRecord, staging: str, chunks: list[Chunk],
-                  manifest: Manifest) -> None:
+                  manifest: Manifest, lease: Lease) -> None:
     """Score chunk by chunk while a driver thread commits the previous one.
 
     Commits run one at a time and in order, so a crash loses at most the chunk being committed and
     the one being scored, and a rerun resumes from what was committed. The scoring slots are idle
-    only while the next chunk waits for the previous commit, and during the last commit.
+    only while the next chunk waits for the previous commit, and during the last commit. The runs
+    row counts a chunk's rows and statuses only once its commit succeeded.
     """
     spec = EngineSpec(
         artifact=cfg.model.artifact,
@@ -142,19 +169,19 @@ def _score_chunks(spark: SparkSession, cfg: JobCfg, record: RunRecord, staging: 
     slots = task_slots(dict(spark.sparkContext.getConf().getAll()), _executors(spark),
                        spark.sparkContext.defaultParallelism)
     ensure_predictions(spark, cfg.tables.predictions)
-    record.chunks_merged, idle, lock, merged = 0, 0.0, threading.Lock(), [0]
+    record.chunks_merged, idle, lock = 0, 0.0, threading.Lock()
     started = time.perf_counter()
     pending: Future | None = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit") as committer:
         for chunk in chunks:
             scored = f"{staging}/scored-{chunk.number}"
             log.info("run %s: chunk %d/%d: scoring %d rows", record.run_id, chunk.number, len(chunks), chunk.rows)
-            _score(spark, cfg, record, chunk, spec, scored, slots, lock)
+            stats = _score(spark, cfg, record, chunk, spec, scored, slots, lock)
             if pending is not None:
                 waited = time.perf_counter()
                 pending.result()
                 idle += time.perf_counter() - waited
-            pending = committer.submit(_commit, spark, cfg, record, chunk, scored, started, lock, merged)
+            pending = committer.submit(_commit, spark, cfg, record, chunk, scored, stats, started, lock, lease)
         waited = time.perf_counter()
         pending.result()
         idle += time.perf_counter() - waited
@@ -166,8 +193,20 @@ def _score_chunks(spark: SparkSession, cfg: JobCfg, record: RunRecord, staging: 
     record.images_per_s = record.processed / scoring if scoring > 0 else None
 
 
+@dataclass(frozen=True)
+class ChunkStats:
+    """A scored chunk's rows by status, with one example uri per status."""
+
+    counts: dict[str, int]
+    examples: dict[str, str]
+
+    @property
+    def rows(self) -> int:
+        return sum(self.counts.values())
+
+
 def _score(spark: SparkSession, cfg: JobCfg, record: RunRecord, chunk: Chunk, spec: EngineSpec, staging: str,
-           slots: int, lock: threading.Lock) -> None:
+           slots: int, lock: threading.Lock) -> ChunkStats:
     """Run the model once over the chunk into the staging table `staging`."""
     tasks = score_tasks(cfg.tag, chunk.rows, slots)
     # An explicit count survives adaptive execution, which would otherwise coalesce a small URI table
@@ -186,23 +225,28 @@ def _score(spark: SparkSession, cfg: JobCfg, record: RunRecord, chunk: Chunk, sp
     # Materialise the UDF once: MERGE reads its source twice and fetching is not deterministic.
     scored.write.format("delta").mode("overwrite").save(staging)
     scored_s = time.perf_counter() - started
-    _add_stats(record, spark.read.format("delta").load(staging), scored_s, lock)
+    return _stats(record, spark.read.format("delta").load(staging), scored_s, lock)
 
 
-def _commit(spark: SparkSession, cfg: JobCfg, record: RunRecord, chunk: Chunk, staging: str, started: float,
-            lock: threading.Lock, merged: list[int]) -> None:
+def _commit(spark: SparkSession, cfg: JobCfg, record: RunRecord, chunk: Chunk, staging: str, stats: ChunkStats,
+            started: float, lock: threading.Lock, lease: Lease) -> None:
     began = time.perf_counter()
+    lease.check()
     commit_chunk(spark, cfg.tables.predictions, cfg.tag, record.run_id, record.model_version, chunk, staging)
     with lock:
         record.chunks_merged += 1
         record.stage_seconds["write"] = record.stage_seconds.get("write", 0.0) + time.perf_counter() - began
-        merged[0] += chunk.rows
+        record.processed += stats.rows
+        for status, n in stats.counts.items():
+            record.status_counts[status] = record.status_counts.get(status, 0) + n
+            record.status_examples.setdefault(status, stats.examples[status])
+        done = record.processed
     elapsed = time.perf_counter() - started
-    rate = merged[0] / elapsed if elapsed > 0 else 0.0
-    left = (record.processed - merged[0]) / rate if rate else 0.0
-    log.info("run %s: chunk %d/%d merged into predictions: %d of %d rows (%.0f%%), %.1f images/s, about %.0f s left",
-             record.run_id, chunk.number, record.chunks, merged[0], record.processed,
-             100.0 * merged[0] / record.processed, rate, left)
+    rate = done / elapsed if elapsed > 0 else 0.0
+    left = (record.selected - done) / rate if rate else 0.0
+    log.info("run %s: chunk %d/%d merged into predictions: %d of %d rows (%.0f%%), %.1f images/s, about %.0f s "
+             "left; statuses so far %s", record.run_id, chunk.number, record.chunks, done, record.selected,
+             100.0 * done / record.selected, rate, left, record.status_counts)
 
 
 def commit_chunk(spark: SparkSession, predictions: str, tag: TagCfg, run_id: str, model_version: str, chunk: Chunk,
@@ -257,16 +301,14 @@ def score_tasks(tag: TagCfg, rows: int, slots: int) -> int:
     return max(1, min(slots, -(-rows // tag.rows_per_task)))
 
 
-def _add_stats(record: RunRecord, staged: DataFrame, scored_s: float, lock: threading.Lock) -> None:
-    """Add one chunk's counts by status and summed stage times, from one aggregation over its rows."""
-    rows = staged.groupBy("status").agg(F.count("*").alias("n"), *[F.sum(c).alias(c) for c in TIMING_COLUMNS]).collect()
-    with lock:
-        for r in rows:
-            record.status_counts[r["status"]] = record.status_counts.get(r["status"], 0) + int(r["n"])
+def _stats(record: RunRecord, staged: DataFrame, scored_s: float, lock: threading.Lock) -> ChunkStats:
+    """A chunk's counts and an example uri by status, and its summed stage times, from one aggregation."""
+    rows = staged.groupBy("status").agg(F.count("*").alias("n"), F.min("uri").alias("example"),
+                                        *[F.sum(c).alias(c) for c in TIMING_COLUMNS]).collect()
     for c in TIMING_COLUMNS:
         _add_seconds(record, c.removesuffix("_ms"), sum(float(r[c] or 0.0) for r in rows) / 1000.0, lock)
     _add_seconds(record, "score_wall", scored_s, lock)
-    log.info("run %s: status counts so far %s", record.run_id, record.status_counts)
+    return ChunkStats({r["status"]: int(r["n"]) for r in rows}, {r["status"]: r["example"] for r in rows})
 
 
 def _add_seconds(record: RunRecord, stage: str, seconds: float, lock: threading.Lock | None = None) -> None:
@@ -286,6 +328,7 @@ def summary(cfg: JobCfg, record: RunRecord) -> dict:
         "run_id": record.run_id,
         "model_version": record.model_version,
         "input_rows": record.input_rows,
+        "selected": record.selected,
         "processed": record.processed,
         "chunks": record.chunks,
         "selection": record.selection,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from contextlib import contextmanager
 from typing import Iterator
@@ -59,7 +60,30 @@ def build_session(cfg: SparkCfg, job: str) -> SparkSession:
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     log.info("spark session ready: master=%s version=%s", spark.sparkContext.master, spark.version)
+    _log_local_attempts(spark.sparkContext.master)
     return spark
+
+
+def local_task_attempts(master: str) -> int | None:
+    """Attempts per task of a local master (local[N] and local[*]: 1, local[N,M]: M); None if not local."""
+    if master == "local":
+        return 1
+    found = re.fullmatch(r"local\[(?:\d+|\*)(?:,\s*(\d+))?\]", master)
+    if found is None:
+        return None
+    return int(found.group(1)) if found.group(1) else 1
+
+
+def _log_local_attempts(master: str) -> None:
+    attempts = local_task_attempts(master)
+    if attempts is None:
+        return
+    if attempts > 1:
+        log.info("local mode %s: each task is tried up to %d times, so a crashed Python worker (an OOM "
+                 "kill) is retried, as on a cluster", master, attempts)
+    else:
+        log.warning("local mode %s tries each task once: one crashed Python worker (an OOM kill) fails the "
+                    "whole run; use local[N,4] (spark.master) to retry failed tasks", master)
 
 
 @contextmanager

@@ -156,6 +156,13 @@ def delete_path(spark: SparkSession, path: str) -> None:
     fs.delete(hpath, True)
 
 
+def delete_if_empty(spark: SparkSession, path: str) -> None:
+    """Delete a directory that holds nothing (a no-op when absent or not empty)."""
+    fs, hpath = _filesystem(spark, path)
+    if fs.exists(hpath) and not list(fs.listStatus(hpath)):
+        fs.delete(hpath, False)
+
+
 def _filesystem(spark: SparkSession, path: str):
     hpath = spark.sparkContext._jvm.org.apache.hadoop.fs.Path(path)
     return hpath.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), hpath

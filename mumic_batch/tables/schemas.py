@@ -80,6 +80,17 @@ RUNS = StructType([
     StructField("stage_seconds", MapType(StringType(), DoubleType()), True),
     StructField("chunks", LongType(), True),
     StructField("chunks_merged", LongType(), True),
+    StructField("selected", LongType(), True),
+])
+
+# The lease table beside predictions (tables/lease.py): the run tagging each model version now.
+LEASES = StructType([
+    StructField("model_version", StringType(), False),
+    StructField("run_id", StringType(), False),
+    StructField("host", StringType(), True),
+    StructField("acquired_at", TimestampType(), False),
+    StructField("renewed_at", TimestampType(), False),
+    StructField("expires_at", TimestampType(), False),
 ])
 
 # The metrics table (docs/tables.md): one row per (model version, dataset, split, class or overall, metric, run).
