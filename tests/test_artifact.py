@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ from mumic_batch.model.artifact import (
 )
 from mumic_batch.model.backbone import TINY_ARCH
 from mumic_batch.model.mumic import build_mumic
-from mumic_batch.model.predictor import Predictor
+from mumic_batch.model.predictor import Predictor, merge_classes
 from tests.fixtures.models import (
     TINY_BIAS,
     TINY_CLASSES,
@@ -314,3 +315,18 @@ def test_driver_check_streams_the_weights_from_s3_and_keeps_no_copy(
         check_artifact("s3://models/tagger/v2")
     with pytest.raises(ArtifactError, match="not a model artifact"):
         check_artifact("s3://models/absent")
+
+
+def test_zero_shot_class_takes_the_training_runs_validation_entry_for_the_same_prompt(tiny_artifact: Path) -> None:
+    manifest = read_manifest(tiny_artifact)
+    stored = {"name": "pool", "prompt": "a photo of a swimming pool", "threshold": 0.31, "zero_shot": True,
+              "assign": False, "note": "cannot reach precision 0.8", "auc": 0.47, "support": 12}
+    manifest = dataclasses.replace(manifest, metrics={"zero_shot": {"pool": stored}})
+    classes = merge_classes(manifest, [ClassEntry("pool", "a photo of a swimming pool", 0.9),
+                                       ClassEntry("beach", "a photo of a beach", 0.6)])
+    pool, beach = classes[-2:]
+    assert (pool.threshold, pool.assign, pool.auc, pool.zero_shot) == (0.31, False, 0.47, True)
+    assert pool.effective_threshold == float("inf")  # never assigned, whatever its probability
+    assert beach == ClassEntry("beach", "a photo of a beach", 0.6, zero_shot=True)  # nothing stored for it
+    reworded = merge_classes(manifest, [ClassEntry("pool", "an outdoor pool", 0.9)])[-1]
+    assert (reworded.threshold, reworded.assign, reworded.auc) == (0.9, True, None)  # another prompt: not its entry

@@ -119,6 +119,18 @@ class Manifest:
         out["classes"] = [c.to_dict() for c in self.classes]
         return out
 
+    def zero_shot_class(self, name: str, prompt: str, threshold: float) -> ClassEntry:
+        """A config zero-shot class as this model should score it.
+
+        The training run stores, per zero-shot class its validation split labels (metrics.zero_shot),
+        the threshold chosen for this model, its validation AUC and whether it can be assigned at all;
+        a config threshold knows none of that. The stored entry wins when its prompt is the same.
+        """
+        known = (self.metrics.get("zero_shot") or {}).get(name)
+        if known and known.get("prompt") == prompt:
+            return ClassEntry(**{**known, "zero_shot": True})
+        return ClassEntry(name, prompt, threshold, zero_shot=True)
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "manifest") -> Manifest:
         """Parse a manifest dict; unknown or missing fields raise ArtifactError."""

@@ -30,10 +30,10 @@ class ClassLike(Protocol):
     threshold: float
 
 
-def merge_classes(manifest_classes: Sequence[ClassEntry], zero_shot: Sequence[ClassLike]) -> tuple[ClassEntry, ...]:
-    """Manifest classes, then zero-shot extras marked zero_shot=True; duplicate names raise ValueError."""
-    extras = tuple(ClassEntry(name=c.name, prompt=c.prompt, threshold=c.threshold, zero_shot=True) for c in zero_shot)
-    classes = tuple(manifest_classes) + extras
+def merge_classes(manifest: Manifest, zero_shot: Sequence[ClassLike]) -> tuple[ClassEntry, ...]:
+    """Manifest classes, then zero-shot extras (Manifest.zero_shot_class); duplicate names raise ValueError."""
+    extras = tuple(manifest.zero_shot_class(c.name, c.prompt, c.threshold) for c in zero_shot)
+    classes = tuple(manifest.classes) + extras
     names = [c.name for c in classes]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -81,7 +81,7 @@ class Predictor:
         """
         target = resolve_device(device) if isinstance(device, str) else device
         model, manifest = load_artifact(artifact, device="cpu")
-        classes = merge_classes(manifest.classes, zero_shot)
+        classes = merge_classes(manifest, zero_shot)
         predictor = cls(model, manifest, classes, target, precision, compile_model)
         log.info(
             "predictor %s %s on %s (%s%s): %d classes (%d zero-shot)", manifest.name, manifest.version, target,
@@ -162,5 +162,5 @@ class Predictor:
 
     def with_zero_shot(self, zero_shot: Sequence[ClassLike]) -> Predictor:
         """A predictor sharing this model with a different set of zero-shot classes."""
-        classes = merge_classes(self.manifest.classes, zero_shot)
+        classes = merge_classes(self.manifest, zero_shot)
         return Predictor(self.model, self.manifest, classes, self.device, self.precision)

@@ -67,7 +67,7 @@ def _evaluate(spark: SparkSession, cfg: JobCfg, record: RunRecord) -> dict:
     if not good.any():
         raise ValueError(f"no image of split {ev.split!r} could be scored: {record.status_counts}")
     y = multi_hot(list(frame.loc[good, ev.label_column]), predictor.class_names)
-    classes = calibrated_classes(predictor)
+    classes = predictor.classes
     overall, per_class = evaluate_scores(y, scores[good], classes, len(predictor.manifest.classes),
                                          ev.gap_k, ev.map_classes, ev.majority)
     n_own = len(predictor.manifest.classes)
@@ -105,20 +105,6 @@ def score(predictor: Predictor, frame: pd.DataFrame, cfg: JobCfg) -> tuple[np.nd
             scores[i] = [probs[name] for name in predictor.class_names]
             embeddings[i] = row.embedding
     return scores, embeddings, out[["image_id", "status", "error"]]
-
-
-def calibrated_classes(predictor: Predictor) -> tuple[ClassEntry, ...]:
-    """predictor.classes, each zero-shot extra replaced by the training run's validation entry for its prompt.
-
-    The fine-tuned model's manifest (metrics.zero_shot) holds, per zero-shot class labelled in validation,
-    a threshold chosen for this model and its validation AUC; a config threshold knows neither.
-    """
-    known = predictor.manifest.metrics.get("zero_shot") or {}
-    out = []
-    for c in predictor.classes:
-        entry = known.get(c.name) if c.zero_shot else None
-        out.append(ClassEntry(**entry) if entry and entry.get("prompt") == c.prompt else c)
-    return tuple(out)
 
 
 def evaluate_scores(y: np.ndarray, scores: np.ndarray, classes: Sequence[ClassEntry], n_own: int, k: int,

@@ -18,7 +18,7 @@ from pyspark.sql import functions as F
 from mumic_batch.config import JobCfg, TagCfg, to_dict
 from mumic_batch.core.errors import ThresholdsExceeded
 from mumic_batch.core.health import check_thresholds
-from mumic_batch.model.artifact import Manifest, check_artifact
+from mumic_batch.model.artifact import ClassEntry, Manifest, check_artifact
 from mumic_batch.pipeline.runs import RunRecord, recorded
 from mumic_batch.pipeline.selection import BROADCAST_IDS, Selection, catalogue_version, select_work
 from mumic_batch.spark.udf import EngineSpec, ZeroShotClass, with_predictions
@@ -52,6 +52,8 @@ def _tag(spark: SparkSession, cfg: JobCfg, record: RunRecord) -> dict:
     record.model_name, record.model_version = manifest.name, manifest.version
     log.info("run %s: model %s version %s from %s", record.run_id, manifest.name, manifest.version,
              cfg.model.artifact)
+    for z in cfg.model.zero_shot:
+        _log_zero_shot(manifest.zero_shot_class(z.name, z.prompt, z.threshold))
     with Lease(spark, cfg.tables.predictions, manifest.version, record.run_id, cfg.tag.lease_s) as lease:
         _select_and_score(spark, cfg, record, manifest, lease)
     failure = check_thresholds(record.status_counts, record.status_examples, asdict(cfg.tag.max_error_rate),
@@ -87,6 +89,21 @@ def _select_and_score(spark: SparkSession, cfg: JobCfg, record: RunRecord, manif
     finally:
         delete_path(spark, staging)
         delete_if_empty(spark, root)
+
+
+def _log_zero_shot(entry: ClassEntry) -> None:
+    """How far a zero-shot class can be trusted with this model: its validation AUC where training measured it."""
+    if entry.auc is None:
+        log.warning("zero-shot class %s: no validation estimate for this model (training did not see the class "
+                    "labelled, or its prompt differs); threshold %.2f from the config, unchecked", entry.name,
+                    entry.threshold)
+        return
+    if not entry.assign:
+        log.warning("zero-shot class %s: validation AUC %.3f for this model; never assigned (%s); its "
+                    "probabilities are still stored", entry.name, entry.auc, entry.note or "below its target")
+        return
+    log.info("zero-shot class %s: validation AUC %.3f for this model, threshold %.3f chosen on validation%s",
+             entry.name, entry.auc, entry.threshold, f" ({entry.note})" if entry.note else "")
 
 
 @dataclass(frozen=True)
