@@ -43,7 +43,7 @@ def catalogue(spark, sample_rows, tmp_path_factory) -> str:
     return path
 
 
-LEASE_S = 8  # short, so that a killed run's lease expires soon; long enough to renew on a loaded machine
+LEASE_S = 30  # short, so that a killed run's lease expires soon; long enough to renew on a loaded machine
 
 
 def backfill_args(tmp: Path, catalogue: str, artifact: Path) -> list[str]:

@@ -79,6 +79,7 @@ class Lease:
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
         self._lost: str | None = None
+        self._renewing = threading.Lock()
 
     def __enter__(self) -> Lease:
         self.acquire()
@@ -119,12 +120,32 @@ class Lease:
                            f"{TRIES} attempts: other runs kept committing to it")
 
     def check(self) -> None:
-        """Raise LeaseLost unless this run still holds an unexpired lease (called before each commit)."""
+        """Raise LeaseLost unless this run still holds the lease (called before each commit).
+
+        A lease that expired while no other run took it over is still this run's row: renewing it is
+        safe, since a run taking it over at the same moment commits to the same partition and Delta
+        lets only one of the two commits through.
+        """
         holder = self.holder()
-        if self._lost is None and holder is not None and holder.run_id == self.run_id and holder.live(_now()):
-            return
+        if self._lost is None and holder is not None and holder.run_id == self.run_id:
+            if holder.live(_now()):
+                return
+            log.warning("run %s: its lease expired at %s before a renewal (a stall, or a slow lease table); "
+                        "nobody took it over, renewing it", self.run_id, holder.expires_at.isoformat())
+            self._renew_once()
+            holder = self.holder()
+            if holder is not None and holder.run_id == self.run_id:
+                return
         self._lost = self._lost or self._lost_message(holder)
         raise LeaseLost(self._lost)
+
+    def _renew_once(self) -> None:
+        try:
+            with self._renewing:  # the renewer thread and check() would otherwise conflict with each other
+                self._merge(takeover=False)
+        except Exception as err:  # noqa: BLE001 - a conflict means another run committed: the re-read tells
+            if not CONFLICT.search(str(err)):
+                raise
 
     def holder(self) -> Holder | None:
         row = (_rows(self.spark, self.path).where(F.col("model_version") == self.version)
@@ -145,7 +166,7 @@ class Lease:
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.lease_s / 3):
             try:
-                self._merge(takeover=False)
+                self._renew_once()
                 holder = self.holder()
             except Exception:  # noqa: BLE001 - a failed renewal is retried; check() decides before commits
                 log.warning("run %s could not renew its lease; retrying in %.0f s", self.run_id, self.lease_s / 3,
