@@ -62,11 +62,12 @@ WHERE p.model_version = :model_version AND p.status = 'ok' AND p.image_id <> :im
 ORDER BY cosine DESC, p.image_id
 LIMIT 5;
 
--- name: last_run_failures
--- Failures by status written by the most recent tagging run that processed rows.
+-- name: last_run_statuses
+-- Rows by status written by the most recent tagging run that processed rows, with an example error
+-- for each failure status.
 SELECT status, count(*) AS images, min(error) AS example_error
 FROM predictions
-WHERE status <> 'ok' AND run_id = (
+WHERE run_id = (
   SELECT run_id FROM runs
   WHERE job = 'tag_images' AND outcome = 'succeeded' AND processed > 0
   ORDER BY started_at DESC

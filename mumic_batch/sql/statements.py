@@ -77,7 +77,7 @@ def select(queries: dict[str, Query], names: list[str], source: str) -> list[Que
 def param_names(sql: str) -> list[str]:
     """`:name` parameters outside string literals and quoted identifiers (`::` casts are not parameters)."""
     names: list[str] = []
-    for part in _unquoted(sql):
+    for part in _QUOTED.split(sql):
         names += [m.group(1) for m in _PARAM.finditer(part) if m.group(1) not in names]
     return names
 
@@ -89,10 +89,6 @@ def to_dollar_params(sql: str) -> str:
         out += [_PARAM.sub(r"$\1", sql[last:m.start()]), m.group(0)]
         last = m.end()
     return "".join([*out, _PARAM.sub(r"$\1", sql[last:])])
-
-
-def _unquoted(sql: str) -> list[str]:
-    return _QUOTED.split(sql)
 
 
 def parse_params(items: list[str]) -> dict[str, str]:
