@@ -13,7 +13,7 @@ DuckDB, in-process and without a JVM, when every table is a local Delta or Parqu
 has a text DuckDB runs (a query may carry an `-- engine: duckdb` variant); otherwise, or when DuckDB
 rejects a statement as Spark SQL it does not know, on Spark. --engine duckdb|spark forces one.
 Results print as text tables (at most --limit rows, default 20; cells cut at 60 characters); --out
-FILE writes one query's full result as .csv, .parquet, .json or .jsonl. The last stdout line is a
+FILE writes one query's result, every row up to --limit, uncut, as .csv, .parquet, .json or .jsonl. The last stdout line is a
 JSON summary with the rows of every result (or the --out file and its row count).
 """
 
