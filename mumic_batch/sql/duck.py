@@ -88,7 +88,7 @@ class DuckEngine:
     def run(self, sql: str, params: dict[str, str], limit: int | None) -> pa.Table:
         """The statement's rows (at most `limit`) as an Arrow table."""
         cursor = self.con.execute(to_dollar_params(sql), params or None)
-        reader = cursor.fetch_record_batch()
+        reader = cursor.to_arrow_reader()
         if limit is None:
             return reader.read_all()
         batches, n = [], 0
