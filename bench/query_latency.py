@@ -74,7 +74,8 @@ def main() -> int:
                          "query_s": round(statistics.median(r["seconds"] for _, r in results), 3),
                          "load": round(os.getloadavg()[0], 1)})
     print(machine_line())
-    print(f"{'query':<20} {'engine':<7} {'runs':>4} {'rows':>5} {'median s':>9} {'max s':>7} {'query s':>8} {'load':>5}")
+    print(f"{'query':<20} {'engine':<7} {'runs':>4} {'rows':>5} {'median s':>9} {'max s':>7} {'query s':>8} "
+          f"{'load':>5}")
     for r in rows:
         print(f"{r['query']:<20} {r['engine']:<7} {r['runs']:>4} {r['answer_rows']:>5} {r['median_wall_s']:>9} "
               f"{r['max_wall_s']:>7} {r['query_s']:>8} {r['load']:>5}")

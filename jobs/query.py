@@ -13,8 +13,9 @@ DuckDB, in-process and without a JVM, when every table is a local Delta or Parqu
 has a text DuckDB runs (a query may carry an `-- engine: duckdb` variant); otherwise, or when DuckDB
 rejects a statement as Spark SQL it does not know, on Spark. --engine duckdb|spark forces one.
 Results print as text tables (at most --limit rows, default 20; cells cut at 60 characters); --out
-FILE writes one query's result, every row up to --limit, uncut, as .csv, .parquet, .json or .jsonl. The last stdout line is a
-JSON summary with the rows of every result (or the --out file and its row count).
+FILE writes one query's result, every row up to --limit, uncut, as .csv, .parquet, .json or .jsonl.
+The last stdout line is a JSON summary with the rows of every result (or the --out file and its row
+count).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine", default="auto", choices=["auto", "duckdb", "spark"],
                    help="auto: DuckDB when it can read every table, else Spark (default auto)")
     p.add_argument("--limit", type=int, help="at most this many rows per query (printed, returned, written)")
-    p.add_argument("--out", metavar="FILE", help="write the (single) query's result to FILE: .csv, .parquet, .json, .jsonl")
+    p.add_argument("--out", metavar="FILE",
+                   help="write the (single) query's result to FILE: .csv, .parquet, .json, .jsonl")
     args = p.parse_args(argv)
 
     def body(cfg):
