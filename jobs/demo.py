@@ -2,12 +2,14 @@
 
 Steps: generate the sample catalogue, pretrain the stand-in CLIP on its captions, evaluate that base
 model zero-shot, fine-tune MuMIC, evaluate the fine-tuned model, tag the catalogue (twice: the rerun has
-nothing to do) and run SQL over the tables. Each step is a job run as its own process; its command line
-is printed first so it can be repeated by hand. The demo checks one prediction row per catalogue image,
-an empty rerun, and that the fine-tuned model is clearly ahead of the zero-shot base model on the test
-split; it prints both models (with holdout AUC, calibration and embedding retrieval) and whether the
-fine-tuned model's thresholds held on the test split. The last stdout line is a JSON object with the
-table and model paths and the step command lines.
+nothing to do), tag it with the base model too (a second model version), and run SQL over the tables:
+three queries, then every query of docs/queries.sql (on DuckDB, without a JVM). Each step is a job run
+as its own process; its command line is printed first so it can be repeated by hand. The demo checks
+one prediction row per catalogue image, an empty rerun, rows from every docs query, and that the
+fine-tuned model is clearly ahead of the zero-shot base model on the test split; it prints both models
+(with holdout AUC, calibration and embedding retrieval) and whether the fine-tuned model's thresholds
+held on the test split. The last stdout line is a JSON object with the table and model paths and the
+step command lines.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 
 CONFIG = "conf/local.yaml"
 BASE_MODEL = "data/models/base"  # pretrain.out in conf/local.yaml
+DOCS_QUERIES = "docs/queries.sql"
 MIN_GAIN = 0.10  # "clearly ahead": fine-tuned test GAP@10 at least this much above the zero-shot base model's
 STRONG_AP = 0.8  # the threshold goal covers classes the model ranks well: test AP at least this
 PRECISION_TOLERANCE = 0.1  # test precision within this of the class's target
@@ -41,6 +44,8 @@ def queries(version: str) -> list[str]:
         "SELECT model_name, model_version, split, metric, round(value, 4) AS value FROM metrics "
         "WHERE class IS NULL AND metric IN ('gap', 'gap_at_10', 'map', 'zero_shot_auc') "
         "ORDER BY evaluated_at, metric",
+        # An image to look up neighbours of, for the docs' queries.
+        f"SELECT min(image_id) AS image_id FROM predictions WHERE status = 'ok' AND model_version = '{quoted}'",
     ]
 
 
@@ -56,11 +61,23 @@ def base_commands() -> dict[str, list[str]]:
         "evaluate": [*py, "jobs.evaluate", *cfg],
         "tag_images": [*py, "jobs.tag_images", *cfg],
         "tag_images_rerun": [*py, "jobs.tag_images", *cfg],
+        # A second model version in the predictions table, so that version comparisons have an answer.
+        "tag_images_base": [*py, "jobs.tag_images", *cfg, "--set", f"model.artifact={BASE_MODEL}"],
     }
 
 
 def query_command(version: str) -> list[str]:
     return [sys.executable, "-m", "jobs.query", "--config", CONFIG, *(a for q in queries(version) for a in ("--sql", q))]
+
+
+def docs_queries_command(version: str, base_version: str, query: dict) -> list[str]:
+    """Every query of docs/queries.sql on the demo's tables (on DuckDB: no JVM), with parameters from `query`'s
+    answers: the fine-tuned version's most assigned label above its mean assigned probability, its first image."""
+    top = query["results"][0][0]
+    params = {"model_version": version, "label": top["label"], "min_prob": top["mean_prob"],
+              "old_version": base_version, "new_version": version, "image_id": query["results"][3][0]["image_id"]}
+    return [sys.executable, "-m", "jobs.query", "--config", CONFIG, "--file", DOCS_QUERIES, "--limit", "5",
+            *(a for k, v in params.items() for a in ("--param", f"{k}={v}"))]
 
 
 def run_step(name: str, cmd: list[str]) -> dict:
@@ -142,12 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     version = results["train"]["version"]
     commands["query"] = query_command(version)
     results["query"] = run_step("query", commands["query"])
+    commands["docs_queries"] = docs_queries_command(version, results["evaluate_base"]["version"], results["query"])
+    results["docs_queries"] = run_step("docs_queries", commands["docs_queries"])
     zero_shot, tuned = compare(results["evaluate_base"], results["evaluate"])
     misses, over = threshold_check(results["evaluate"])
     first, rerun = results["tag_images"], results["tag_images_rerun"]
     total = sum(r["rows"] for r in results["query"]["results"][1])
     check(total == first["input_rows"], f"predictions hold {total} rows for {version}, the catalogue {first['input_rows']}")
     check(rerun["processed"] == 0, f"the rerun processed {rerun['processed']} rows, expected 0")
+    empty = [q["name"] for q in results["docs_queries"]["queries"] if not q["rows"]]
+    check(not empty, f"docs/queries.sql: {', '.join(empty)} returned no rows on the demo's tables")
     check(tuned >= zero_shot + MIN_GAIN, f"fine-tuned GAP@10 {tuned:.3f} is not {MIN_GAIN} above zero-shot {zero_shot:.3f}")
     print(json.dumps({
         "catalogue": results["make_sample"]["catalogue"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
@@ -62,13 +63,16 @@ def pipeline_body(pipeline: str) -> Callable[[JobCfg], dict]:
     """A job body running mumic_batch.pipeline.<pipeline>.run(spark, cfg) in a session the job owns.
 
     Imported only when called, so --help and configuration errors answer without starting a JVM.
+    Outputs named as catalog tables (db.table) are created first and then used by their location.
     """
 
     def body(cfg: JobCfg) -> dict:
-        from mumic_batch.spark.session import owned_session
+        from mumic_batch.spark.session import owned_session, persistent_catalog
+        from mumic_batch.tables.catalog import resolve_outputs
 
         module = importlib.import_module(f"mumic_batch.pipeline.{pipeline}")
         with owned_session(cfg.spark, module.JOB) as spark:
-            return module.run(spark, cfg)
+            tables = resolve_outputs(spark, cfg.tables, persistent_catalog(cfg.spark))
+            return module.run(spark, dataclasses.replace(cfg, tables=tables))
 
     return body

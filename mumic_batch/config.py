@@ -30,6 +30,8 @@ class SparkCfg:
     shuffle_partitions: int = 4  # spark.sql.shuffle.partitions
     arrow_batch_rows: int = 256  # rows per Arrow frame sent to the tagging UDF (ids and URIs; model batches do not depend on it)
     arrow_batch_bytes: int = 16_000_000  # bytes per Arrow batch, whichever limit is hit first
+    metastore: str = ""  # local runs: Derby metastore directory that keeps catalog tables (db.table) between jobs; empty: in-memory catalog (paths only)
+    warehouse: str = ""  # local runs: spark.sql.warehouse.dir, where catalog tables' files live (empty: Spark's ./spark-warehouse)
     conf: dict[str, str] = field(default_factory=dict)  # any other Spark settings, verbatim
 
     def __post_init__(self) -> None:
@@ -43,9 +45,9 @@ class TablesCfg:
     catalogue_format: str = "auto"  # auto | delta | parquet | table
     labels: str = "data/sample/labels"  # labels table (training/evaluation input)
     labels_format: str = "auto"  # auto | delta | parquet | table
-    predictions: str = "data/out/predictions"  # output Delta path of the predictions table
-    runs: str = "data/out/runs"  # output Delta path of the runs table
-    metrics: str = "data/out/metrics"  # output Delta path of the metrics table
+    predictions: str = "data/out/predictions"  # output: Delta path, or catalog table name (db.table) of the predictions table
+    runs: str = "data/out/runs"  # output: Delta path or catalog table name of the runs table
+    metrics: str = "data/out/metrics"  # output: Delta path or catalog table name of the metrics table
 
     def __post_init__(self) -> None:
         for key in ("catalogue_format", "labels_format"):

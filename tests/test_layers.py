@@ -1,4 +1,4 @@
-"""Imports point one way: core <- io <- model <- inference <- tables <- spark <- pipeline <- jobs.
+"""Imports point one way: core <- sql <- io <- model <- inference <- tables <- spark <- pipeline <- jobs.
 
 pyspark/delta only in tables/, spark/ and pipeline/; torch/open_clip never in core/ or io/.
 """
@@ -11,11 +11,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "mumic_batch"
 
-LAYERS = ["core", "io", "model", "inference", "tables", "spark", "pipeline"]
+LAYERS = ["core", "sql", "io", "model", "inference", "tables", "spark", "pipeline"]
 SPARK_LIBS = {"pyspark", "delta"}
 TORCH_LIBS = {"torch", "torchvision", "open_clip", "safetensors"}
 FORBIDDEN_LIBS = {
     "core": SPARK_LIBS | TORCH_LIBS | {"boto3", "botocore"},
+    "sql": SPARK_LIBS | TORCH_LIBS,
     "io": SPARK_LIBS | TORCH_LIBS,
     "model": SPARK_LIBS,
     "inference": SPARK_LIBS,

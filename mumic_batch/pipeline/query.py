@@ -1,44 +1,26 @@
-"""SQL over the project's tables: each table is registered as a view under a fixed name."""
+"""The Spark engine for SQL over the project's tables: each table registered as a temp view under a fixed name."""
 
 from __future__ import annotations
 
 import logging
-import re
 
+import pyarrow as pa
+from pyspark.errors import AnalysisException
 from pyspark.sql import SparkSession
 
 from mumic_batch.config import TablesCfg
+from mumic_batch.sql.views import LABEL_PROBS_SPARK, table_refs
 from mumic_batch.tables.io import read_table
 
 log = logging.getLogger(__name__)
 
 JOB = "query"
 
-# The long (image_id, model_version, label, prob) view analysts query instead of the probs maps.
-LABEL_PROBS_SQL = """
-SELECT image_id, uri, model_name, model_version, label, prob, false AS zero_shot,
-       array_contains(labels, label) AS assigned, run_id, tagged_at
-FROM predictions LATERAL VIEW explode(probs) p AS label, prob
-WHERE status = 'ok'
-UNION ALL
-SELECT image_id, uri, model_name, model_version, label, prob, true AS zero_shot,
-       array_contains(zero_shot_labels, label) AS assigned, run_id, tagged_at
-FROM predictions LATERAL VIEW explode(zero_shot_probs) p AS label, prob
-WHERE status = 'ok'
-"""
-
 
 def register_views(spark: SparkSession, tables: TablesCfg) -> list[str]:
-    """Register every table that exists as a temp view; return the view names."""
-    refs = {
-        "catalogue": (tables.catalogue, tables.catalogue_format),
-        "labels": (tables.labels, tables.labels_format),
-        "predictions": (tables.predictions, "delta"),
-        "runs": (tables.runs, "delta"),
-        "metrics": (tables.metrics, "delta"),
-    }
+    """Register every table that exists (path or catalog name) as a temp view; return the view names."""
     views = []
-    for name, (ref, fmt) in refs.items():
+    for name, (ref, fmt) in table_refs(tables).items():
         try:
             read_table(spark, ref, fmt).createOrReplaceTempView(name)
         except Exception as err:  # noqa: BLE001 - a table not written yet simply has no view
@@ -46,59 +28,30 @@ def register_views(spark: SparkSession, tables: TablesCfg) -> list[str]:
             continue
         views.append(name)
     if "predictions" in views:
-        spark.sql(LABEL_PROBS_SQL).createOrReplaceTempView("label_probs")
+        spark.sql(LABEL_PROBS_SPARK.format(predictions="predictions")).createOrReplaceTempView("label_probs")
         views.append("label_probs")
     return views
 
 
-def run_sql(spark: SparkSession, statements: list[str], params: dict[str, object] | None = None) -> list[list[dict]]:
-    """Run each statement (with the named parameters it uses) and return its rows as dicts."""
-    results = []
-    for sql in statements:
-        used = {k: v for k, v in (params or {}).items() if re.search(rf":{k}\b", sql)}
-        log.info("running SQL: %s %s", " ".join(sql.split()), used or "")
-        results.append([row.asDict(recursive=True) for row in spark.sql(sql, args=used or None).collect()])
-    return results
+class SparkEngine:
+    """Statements through Spark SQL over register_views' views."""
 
+    name = "spark"
 
-def named_statements(text: str) -> dict[str, str]:
-    """The statements of a .sql file, keyed by their `-- name: x` line (unnamed ones by position)."""
-    named: dict[str, str] = {}
-    for i, chunk in enumerate(re.split(r";\s*(?:\n|$)", text)):
-        name = re.search(r"^--\s*name:\s*(\w+)", chunk, re.MULTILINE)
-        body = "\n".join(line for line in chunk.splitlines() if not line.strip().startswith("--")).strip()
-        if body:
-            named[name.group(1) if name else f"statement_{i + 1}"] = body
-    return named
+    def __init__(self, spark: SparkSession, tables: TablesCfg) -> None:
+        self.spark = spark
+        self.views = register_views(spark, tables)
 
+    def run(self, sql: str, params: dict[str, str], limit: int | None) -> pa.Table:
+        """The statement's rows (at most `limit`) as an Arrow table."""
+        log.info("running SQL on Spark: %s %s", " ".join(sql.split()), params or "")
+        df = self.spark.sql(sql, args=params or None)
+        return (df if limit is None else df.limit(limit)).toArrow()
 
-def parse_params(items: list[str]) -> dict[str, object]:
-    """`name=value` pairs, kept as strings (Spark casts them where a number is compared)."""
-    params: dict[str, object] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise ValueError(f"--param '{item}' must look like name=value")
-        params[key] = value
-    return params
+    @staticmethod
+    def missing_table(err: Exception) -> bool:
+        """True when Spark failed because the statement names a table or view that does not exist."""
+        return isinstance(err, AnalysisException) and err.getCondition() == "TABLE_OR_VIEW_NOT_FOUND"
 
-
-def format_rows(rows: list[dict], limit: int = 20) -> str:
-    """A plain-text table of up to `limit` rows for humans."""
-    if not rows:
-        return "(no rows)"
-    cols = list(rows[0])
-    cells = [[_cell(r[c]) for c in cols] for r in rows[:limit]]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(cols, widths)), "-+-".join("-" * w for w in widths)]
-    lines += [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    if len(rows) > limit:
-        lines.append(f"... {len(rows) - limit} more rows")
-    return "\n".join(lines)
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    text = str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    def close(self) -> None:
+        """Nothing to release: the job's owned_session stops the session."""

@@ -7,6 +7,7 @@ import os
 import re
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 from pyspark.sql import SparkSession
@@ -43,8 +44,30 @@ def session_settings(cfg: SparkCfg, submitted: bool) -> dict[str, str]:
         settings["spark.driver.memory"] = cfg.driver_memory
         settings["spark.jars.packages"] = ",".join((cfg.delta_package, *cfg.packages))
         settings["spark.ui.showConsoleProgress"] = "false"
+        settings.update(catalog_settings(cfg))
     settings.update(cfg.conf)
     return settings
+
+
+def catalog_settings(cfg: SparkCfg) -> dict[str, str]:
+    """Local runs: a Derby metastore (Hive catalog; pyspark's wheel ships Hive and Derby) under
+    spark.metastore, so that catalog tables outlive the job; the warehouse where their files live.
+    Under spark-submit the cluster's own catalog settings apply instead."""
+    settings = {}
+    if cfg.warehouse:
+        settings["spark.sql.warehouse.dir"] = str(Path(cfg.warehouse).resolve())
+    if cfg.metastore:
+        metastore = Path(cfg.metastore).resolve()
+        settings["spark.sql.catalogImplementation"] = "hive"
+        settings["spark.hadoop.javax.jdo.option.ConnectionURL"] = f"jdbc:derby:;databaseName={metastore};create=true"
+        # Derby's log beside its database, not in whatever directory the job was started from.
+        settings["spark.driver.extraJavaOptions"] = f"-Dderby.stream.error.file={metastore.parent / 'derby.log'}"
+    return settings
+
+
+def persistent_catalog(cfg: SparkCfg) -> bool:
+    """True when catalog tables outlive the job: a local Derby metastore, or the cluster's catalog."""
+    return bool(cfg.metastore) or under_spark_submit()
 
 
 def build_session(cfg: SparkCfg, job: str) -> SparkSession:

@@ -8,6 +8,7 @@ from pathlib import Path
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 
+from mumic_batch.sql.views import is_catalog_name
 from mumic_batch.tables.schemas import PREDICTION_KEYS, PREDICTIONS, PREDICTIONS_PARTITION, PREDICTIONS_PROPERTIES
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,18 @@ def qualified(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def ensure_delta(spark: SparkSession, path: str, schema, partition_by: tuple[str, ...] = (),
+def sql_name(ref: str) -> str:
+    """How SQL names the Delta table `ref`: a catalog name as is, a path as delta.`path`."""
+    return ref if is_catalog_name(ref) else f"delta.`{qualified(ref)}`"
+
+
+def ensure_delta(spark: SparkSession, ref: str, schema, partition_by: tuple[str, ...] = (),
                  properties: dict[str, str] | None = None) -> DeltaTable:
-    """Create an empty Delta table with `schema` if none exists at `path`."""
-    builder = DeltaTable.createIfNotExists(spark).location(qualified(path)).addColumns(schema)
+    """Create an empty Delta table with `schema` if none exists at `ref` (a path, or a catalog name: a
+    table in the catalog, its files where the catalog puts them)."""
+    builder = DeltaTable.createIfNotExists(spark)
+    builder = builder.tableName(ref) if is_catalog_name(ref) else builder.location(qualified(ref))
+    builder = builder.addColumns(schema)
     if partition_by:
         builder = builder.partitionedBy(*partition_by)
     for key, value in (properties or {}).items():
@@ -72,17 +81,18 @@ def ensure_delta(spark: SparkSession, path: str, schema, partition_by: tuple[str
     return builder.execute()
 
 
-def ensure_predictions(spark: SparkSession, path: str) -> DeltaTable:
-    """The predictions table, created if absent, with PREDICTIONS_PROPERTIES set (older tables in place)."""
-    table = ensure_delta(spark, path, PREDICTIONS, (PREDICTIONS_PARTITION,), PREDICTIONS_PROPERTIES)
+def ensure_predictions(spark: SparkSession, ref: str) -> DeltaTable:
+    """The predictions table (path or catalog name), created if absent, with PREDICTIONS_PROPERTIES set
+    (older tables in place)."""
+    table = ensure_delta(spark, ref, PREDICTIONS, (PREDICTIONS_PARTITION,), PREDICTIONS_PROPERTIES)
     props = table.detail().select("properties").first()["properties"] or {}
     missing = {k: v for k, v in PREDICTIONS_PROPERTIES.items() if props.get(k) != v}
     if missing:
         # Enabling deletion vectors upgrades the protocol (reader 3 / writer 7): docs/tables.md lists the
         # outside readers that still read the table afterwards.
-        log.warning("upgrading predictions table %s in place: setting %s", path, missing)
+        log.warning("upgrading predictions table %s in place: setting %s", ref, missing)
         settings = ", ".join(f"'{k}' = '{v}'" for k, v in missing.items())
-        spark.sql(f"ALTER TABLE delta.`{qualified(path)}` SET TBLPROPERTIES ({settings})")
+        spark.sql(f"ALTER TABLE {sql_name(ref)} SET TBLPROPERTIES ({settings})")
     return table
 
 
