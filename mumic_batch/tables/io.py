@@ -61,15 +61,30 @@ def qualified(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
+# Delta's error classes for a first commit that lost to another writer's first commit.
+CREATION_RACE = ("DELTA_PROTOCOL_CHANGED", "DELTA_METADATA_CHANGED")
+
+
 def ensure_delta(spark: SparkSession, path: str, schema, partition_by: tuple[str, ...] = (),
                  properties: dict[str, str] | None = None) -> DeltaTable:
-    """Create an empty Delta table with `schema` if none exists at `path`."""
-    builder = DeltaTable.createIfNotExists(spark).location(qualified(path)).addColumns(schema)
+    """Create an empty Delta table with `schema` if none exists at `path`.
+
+    Two runs that start together on a new table (two model versions, or a run and an evaluation
+    appending to runs) both try to create it; the one whose commit loses uses the winner's table.
+    """
+    location = qualified(path)
+    builder = DeltaTable.createIfNotExists(spark).location(location).addColumns(schema)
     if partition_by:
         builder = builder.partitionedBy(*partition_by)
     for key, value in (properties or {}).items():
         builder = builder.property(key, value)
-    return builder.execute()
+    try:
+        return builder.execute()
+    except Exception as err:
+        if not any(name in str(err) for name in CREATION_RACE) or not table_exists(spark, location):
+            raise
+        log.info("table %s was created by a concurrent writer: using it", path)
+        return DeltaTable.forPath(spark, location)
 
 
 def ensure_predictions(spark: SparkSession, path: str) -> DeltaTable:
