@@ -1,15 +1,19 @@
 """Every table on S3 (s3a) and the images too, against the moto server on loopback, through the jobs.
 
-One driver process (tests/fixtures/s3tables.py) runs the whole scenario, since each Spark driver
-with hadoop-aws costs a JVM and its Python workers: a catalogue and a labels table written to S3,
-a tagging run, its rerun, an evaluation into a metrics table on S3, then two model versions tagging
-one more predictions table at the same time. The tests check what each step left on S3.
+One driver process (tests/fixtures/s3tables.py) runs the single-writer scenario, since each Spark
+driver with hadoop-aws costs a JVM and its Python workers: a catalogue and a labels table written to
+S3, a tagging run, its rerun, an evaluation into a metrics table on S3. Then two drivers tag one new
+predictions table with two model versions at the same time, committing through Delta's DynamoDB
+LogStore on moto's DynamoDB (tests/fixtures/logstore.py), and a third driver reads the result.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
+from tests.fixtures.logstore import DDB_TABLE, dynamodb_endpoint, logstore_jar, logstore_overrides
 from tests.fixtures.models import write_tiny_artifact
 from tests.fixtures.net import make_jpeg
 from tests.fixtures.s3tables import as_args, run_s3_driver, s3a_overrides
@@ -40,11 +44,11 @@ def job(name: str, overrides: list[str], *args: str) -> dict:
     return {"job": name, "args": [*as_args(overrides), *args]}
 
 
-def tables_args(bucket: str, predictions: str = "predictions") -> list[str]:
+def tables_args(bucket: str) -> list[str]:
     return as_args([
         f"tables.catalogue={table('catalogue', bucket)}",
         f"tables.labels={table('labels', bucket)}",
-        f"tables.predictions={table(predictions, bucket)}",
+        f"tables.predictions={table('predictions', bucket)}",
         f"tables.runs={table('runs', bucket)}",
         f"tables.metrics={table('metrics', bucket)}",
     ])
@@ -54,27 +58,19 @@ def tables_args(bucket: str, predictions: str = "predictions") -> list[str]:
 def scenario(s3_server, tiny_artifact, tmp_path_factory) -> dict:
     """Run the scenario once; the steps' results by name, and the names of the objects left in the bucket."""
     work = tmp_path_factory.mktemp("s3-tables")
-    other = work / "model-v2"
-    write_tiny_artifact(other, version="tiny-untrained-v2", seed=1)
     uris = [s3_server.put(f"{PREFIX}/images/{i}.jpg", make_jpeg(64, 48, seed=i)) for i in range(IMAGES)]
     bucket, overrides = s3_server.bucket, s3a_overrides(s3_server)
     tag = job("tag_images", overrides, *tables_args(bucket), "--set", f"model.artifact={tiny_artifact}")
-
-    def tag_both(version_artifact):
-        return job("tag_images", overrides, *tables_args(bucket, "predictions_both"),
-                   "--set", f"model.artifact={version_artifact}")
-
     steps = {
         "tag": tag,
         "rerun": tag,
         "evaluate": job("evaluate", overrides, *tables_args(bucket), "--set", f"model.artifact={tiny_artifact}",
                         "--set", f"evaluate.report_dir={work / 'reports'}"),
-        "together": {"together": [tag_both(tiny_artifact), tag_both(other)]},
         "predictions": {"sql": f"SELECT image_id, model_version, status, run_id FROM delta.`{table('predictions', bucket)}`"},
-        "both": {"sql": f"SELECT image_id, model_version, run_id FROM delta.`{table('predictions_both', bucket)}`"},
         "runs": {"sql": f"SELECT run_id, job, model_version, outcome, processed, source "
                         f"FROM delta.`{table('runs', bucket)}` ORDER BY started_at"},
         "metrics": {"sql": f"SELECT DISTINCT model_version, split FROM delta.`{table('metrics', bucket)}`"},
+        "jars": {"sql": "SET spark.jars"},  # the packages' jars, to compile the LogStore against
     }
     results = run_s3_driver(s3_server, overrides, [*create_tables(bucket, uris), *steps.values()], work)
     listing = s3_server.client().list_objects_v2(Bucket=bucket, Prefix=f"{PREFIX}/")
@@ -102,8 +98,7 @@ def test_tagging_run_writes_one_row_per_image_to_s3_tables(scenario):
 
 def test_rerun_on_s3_processes_nothing(scenario):
     assert scenario["rerun"] == 0
-    tag_runs = runs_of(scenario, "tag_images")
-    rerun = tag_runs[1]
+    rerun = runs_of(scenario, "tag_images")[1]
     assert (rerun["outcome"], rerun["processed"]) == ("succeeded", 0)
     assert rerun["source"].startswith("s3a://")
 
@@ -114,17 +109,56 @@ def test_evaluation_appends_metrics_on_s3(scenario):
     assert [r["outcome"] for r in runs_of(scenario, "evaluate")] == ["succeeded"]
 
 
-def test_two_model_versions_tag_the_same_s3_table_at_once(scenario):
-    # Both runs share one driver JVM, where Delta's default S3 LogStore serialises commits;
-    # writers in separate drivers need the DynamoDB LogStore (docs/cluster.md).
-    assert scenario["together"] == [0, 0]
-    rows = scenario["both"]
-    by_version: dict[str, set[str]] = {}
-    for r in rows:
-        by_version.setdefault(r["model_version"], set()).add(r["image_id"])
+@pytest.fixture(scope="module")
+def two_drivers(scenario, s3_server, tiny_artifact, tmp_path_factory) -> dict:
+    """Two driver processes tag one new predictions table with two model versions at the same time,
+    committing through the DynamoDB LogStore; then a third reads what they left."""
+    work = tmp_path_factory.mktemp("logstore")
+    other = work / "model-v2"
+    write_tiny_artifact(other, version="tiny-untrained-v2", seed=1)
+    jar = logstore_jar(work, [j.removeprefix("file:") for j in scenario["jars"][0]["value"].split(",")])
+    bucket, plain = s3_server.bucket, s3a_overrides(s3_server)
+    paths = as_args([f"tables.catalogue={table('catalogue', bucket)}", f"tables.predictions={table('ddb', bucket)}",
+                     f"tables.runs={table('ddb_runs', bucket)}"])
+    with dynamodb_endpoint(s3_server, work) as java_options:
+        overrides = [*plain, *logstore_overrides(jar, java_options)]
+        drivers = [(work / name, artifact) for name, artifact in (("one", tiny_artifact), ("two", other))]
+        for folder, _ in drivers:
+            folder.mkdir()
+        with ThreadPoolExecutor(2) as pool:
+            codes = list(pool.map(
+                lambda d: run_s3_driver(s3_server, overrides, [job("tag_images", overrides, *paths, "--set",
+                                                                   f"model.artifact={d[1]}")], d[0])[0],
+                drivers))
+    (work / "read").mkdir()
+    rows, runs = run_s3_driver(s3_server, plain, [
+        {"sql": f"SELECT image_id, model_version FROM delta.`{table('ddb', bucket)}`"},
+        {"sql": f"SELECT model_version, outcome, processed, started_at, ended_at FROM delta.`{table('ddb_runs', bucket)}`"},
+    ], work / "read")
+    entries = boto3_dynamodb(s3_server).scan(TableName=DDB_TABLE)["Items"]
+    return {"codes": codes, "rows": rows, "runs": runs, "entries": entries, "table": table("ddb", bucket)}
+
+
+def boto3_dynamodb(server):
+    import boto3
+
+    return boto3.session.Session().client(
+        "dynamodb", endpoint_url=server.endpoint_url, region_name=server.region,
+        aws_access_key_id=server.env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=server.env["AWS_SECRET_ACCESS_KEY"])
+
+
+def test_two_drivers_commit_two_versions_through_the_dynamodb_logstore(two_drivers):
+    assert two_drivers["codes"] == [0, 0]
+    rows = two_drivers["rows"]
     assert len(rows) == 2 * IMAGES
-    assert {v: len(ids) for v, ids in by_version.items()} == {"tiny-untrained-0": IMAGES,
-                                                             "tiny-untrained-v2": IMAGES}
-    run_ids = {r["run_id"] for r in rows}
-    runs = {r["model_version"]: (r["outcome"], r["processed"]) for r in scenario["runs"] if r["run_id"] in run_ids}
-    assert runs == {"tiny-untrained-0": ("succeeded", IMAGES), "tiny-untrained-v2": ("succeeded", IMAGES)}
+    assert {(r["model_version"], r["image_id"]) for r in rows} == {
+        (v, f"img{i}") for v in ("tiny-untrained-0", "tiny-untrained-v2") for i in range(IMAGES)}
+    runs = two_drivers["runs"]
+    assert sorted((r["model_version"], r["outcome"], r["processed"]) for r in runs) == [
+        ("tiny-untrained-0", "succeeded", IMAGES), ("tiny-untrained-v2", "succeeded", IMAGES)]
+    assert max(r["started_at"] for r in runs) < min(r["ended_at"] for r in runs)  # the runs overlapped
+    # Every commit of the predictions table went through DynamoDB: one complete entry per log version.
+    commits = sorted(e["fileName"]["S"] for e in two_drivers["entries"]
+                     if e["tablePath"]["S"] == two_drivers["table"])
+    assert commits == [f"{v:020d}.json" for v in range(len(commits))] and len(commits) >= 3
+    assert {e["complete"]["S"] for e in two_drivers["entries"]} == {"true"}
