@@ -66,7 +66,8 @@ def scenario(s3_server, tiny_artifact, tmp_path_factory) -> dict:
         "rerun": tag,
         "evaluate": job("evaluate", overrides, *tables_args(bucket), "--set", f"model.artifact={tiny_artifact}",
                         "--set", f"evaluate.report_dir={work / 'reports'}"),
-        "predictions": {"sql": f"SELECT image_id, model_version, status, run_id FROM delta.`{table('predictions', bucket)}`"},
+        "predictions": {"sql": "SELECT image_id, model_version, status, run_id "
+                               f"FROM delta.`{table('predictions', bucket)}`"},
         "runs": {"sql": f"SELECT run_id, job, model_version, outcome, processed, source "
                         f"FROM delta.`{table('runs', bucket)}` ORDER BY started_at"},
         "metrics": {"sql": f"SELECT DISTINCT model_version, split FROM delta.`{table('metrics', bucket)}`"},
@@ -133,7 +134,8 @@ def two_drivers(scenario, s3_server, tiny_artifact, tmp_path_factory) -> dict:
     (work / "read").mkdir()
     rows, runs = run_s3_driver(s3_server, plain, [
         {"sql": f"SELECT image_id, model_version FROM delta.`{table('ddb', bucket)}`"},
-        {"sql": f"SELECT model_version, outcome, processed, started_at, ended_at FROM delta.`{table('ddb_runs', bucket)}`"},
+        {"sql": "SELECT model_version, outcome, processed, started_at, ended_at "
+                f"FROM delta.`{table('ddb_runs', bucket)}`"},
     ], work / "read")
     entries = boto3_dynamodb(s3_server).scan(TableName=DDB_TABLE)["Items"]
     return {"codes": codes, "rows": rows, "runs": runs, "entries": entries, "table": table("ddb", bucket)}
