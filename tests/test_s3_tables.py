@@ -138,7 +138,9 @@ def two_drivers(scenario, s3_server, tiny_artifact, tmp_path_factory) -> dict:
                 f"FROM delta.`{table('ddb_runs', bucket)}`"},
     ], work / "read")
     entries = boto3_dynamodb(s3_server).scan(TableName=DDB_TABLE)["Items"]
-    return {"codes": codes, "rows": rows, "runs": runs, "entries": entries, "table": table("ddb", bucket)}
+    failed = [(folder / "driver.log").read_text()[-6000:] for (folder, _), code in zip(drivers, codes) if code]
+    return {"codes": codes, "rows": rows, "runs": runs, "entries": entries, "table": table("ddb", bucket),
+            "failed_logs": failed}
 
 
 def boto3_dynamodb(server):
@@ -150,7 +152,7 @@ def boto3_dynamodb(server):
 
 
 def test_two_drivers_commit_two_versions_through_the_dynamodb_logstore(two_drivers):
-    assert two_drivers["codes"] == [0, 0]
+    assert two_drivers["codes"] == [0, 0], "\n".join(two_drivers["failed_logs"])
     rows = two_drivers["rows"]
     assert len(rows) == 2 * IMAGES
     assert {(r["model_version"], r["image_id"]) for r in rows} == {

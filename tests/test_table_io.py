@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -29,6 +32,25 @@ def test_writers_creating_one_new_table_at_once_all_get_it(spark, tmp_path):
     with ThreadPoolExecutor(WRITERS) as pool:
         assert list(pool.map(create, range(WRITERS))) == [len(RUNS.fields)] * WRITERS
     assert DeltaTable.forPath(spark, path).history().count() == 1  # one creation commit
+
+
+def test_a_writer_waits_for_a_table_another_writer_is_still_creating(spark, tmp_path, caplog):
+    # The DynamoDB LogStore writes a first commit to _delta_log/.tmp/ and copies it into place later:
+    # meanwhile the location holds a log without a table, and Delta refuses to create one there.
+    path, winner = tmp_path / "runs", tmp_path / "winner"
+    ensure_delta(spark, str(winner), RUNS)  # the other writer's table, whose first commit will land at `path`
+    pending = path / "_delta_log" / ".tmp"
+    pending.mkdir(parents=True)
+    (pending / "00000000000000000000.json.a1b2").write_text("{}")
+    caplog.set_level(logging.INFO, logger="mumic_batch.tables.io")
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(ensure_delta, spark, str(path), RUNS)
+        while not any("being created by a concurrent writer" in r.getMessage() for r in caplog.records):
+            assert not waiting.done(), str(waiting.exception())[:800]
+            time.sleep(0.1)
+        shutil.copy(winner / "_delta_log" / "00000000000000000000.json", path / "_delta_log")
+        assert len(waiting.result().toDF().columns) == len(RUNS.fields)
+    assert DeltaTable.forPath(spark, str(path)).history().count() == 1
 
 
 def test_list_dir_and_delete_path_use_hadoop_paths(spark, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from delta.tables import DeltaTable
@@ -61,8 +62,12 @@ def qualified(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-# Delta's error classes for a first commit that lost to another writer's first commit.
-CREATION_RACE = ("DELTA_PROTOCOL_CHANGED", "DELTA_METADATA_CHANGED")
+# Delta's errors for a table creation that raced another writer's: its first commit came first
+# (a conflict), or is being written (the DynamoDB LogStore writes it to _delta_log/.tmp/ first, and
+# meanwhile the location holds a log without a table).
+CREATION_RACE = ("DELTA_PROTOCOL_CHANGED", "DELTA_METADATA_CHANGED", "DELTA_CREATE_TABLE_WITH_NON_EMPTY_LOCATION",
+                 "DELTA_TABLE_NOT_FOUND")
+CREATE_ATTEMPTS = 5
 
 
 def ensure_delta(spark: SparkSession, path: str, schema, partition_by: tuple[str, ...] = (),
@@ -70,7 +75,7 @@ def ensure_delta(spark: SparkSession, path: str, schema, partition_by: tuple[str
     """Create an empty Delta table with `schema` if none exists at `path`.
 
     Two runs that start together on a new table (two model versions, or a run and an evaluation
-    appending to runs) both try to create it; the one whose commit loses uses the winner's table.
+    appending to runs) both try to create it; the one that loses waits for the winner's table and uses it.
     """
     location = qualified(path)
     builder = DeltaTable.createIfNotExists(spark).location(location).addColumns(schema)
@@ -78,13 +83,18 @@ def ensure_delta(spark: SparkSession, path: str, schema, partition_by: tuple[str
         builder = builder.partitionedBy(*partition_by)
     for key, value in (properties or {}).items():
         builder = builder.property(key, value)
-    try:
-        return builder.execute()
-    except Exception as err:
-        if not any(name in str(err) for name in CREATION_RACE) or not table_exists(spark, location):
-            raise
-        log.info("table %s was created by a concurrent writer: using it", path)
-        return DeltaTable.forPath(spark, location)
+    attempt = 1
+    while True:
+        try:
+            return builder.execute()
+        except Exception as err:
+            race = [name for name in CREATION_RACE if name in str(err)]
+            if attempt == CREATE_ATTEMPTS or not race:
+                raise
+            # Once the winner's commit is there, creating "if not exists" returns its table.
+            log.info("table %s is being created by a concurrent writer (%s): trying again", path, race[0])
+            time.sleep(attempt)
+            attempt += 1
 
 
 def ensure_predictions(spark: SparkSession, path: str) -> DeltaTable:
