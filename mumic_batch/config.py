@@ -424,14 +424,15 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if not sep or not key:
         raise ConfigError(f"override '{item}' must look like section.key=value")
     node = raw
-    parts = key.strip().split(".")
+    parts, entry = _override_path(key.strip())
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise ConfigError(f"override '{item}': '{part}' is not a section")
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+        # A map entry (a Spark setting) is a string as given: `true` stays "true", not a YAML boolean.
+        node[parts[-1]] = text.strip() if entry else (yaml.safe_load(text) if text.strip() else "")
     except yaml.YAMLError as err:
         raise ConfigError(f"override '{item}': the value is not valid YAML: {_yaml_problem(err)} "
                           "(quote strings that hold ':', '[' or '{')") from None
@@ -442,6 +443,20 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     mark = getattr(err, "problem_mark", None)
     problem = getattr(err, "problem", None) or str(err).splitlines()[0]
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+def _override_path(key: str) -> tuple[list[str], bool]:
+    """`a.b.c` split at its dots, and whether it names one entry of a map: what follows a map's key is
+    the entry's name, so `spark.conf.spark.hadoop.fs.s3a.endpoint` is the entry
+    `spark.hadoop.fs.s3a.endpoint` of `spark.conf`."""
+    parts = key.split(".")
+    cls: Any = JobCfg
+    for i, part in enumerate(parts[:-1]):
+        hint = typing.get_type_hints(cls).get(part) if dataclasses.is_dataclass(cls) else None
+        if typing.get_origin(hint) is dict:
+            return [*parts[:i + 1], ".".join(parts[i + 1:])], True
+        cls = hint
+    return parts, False
 
 
 def build(cls: type, raw: Any, prefix: str) -> Any:

@@ -54,6 +54,8 @@ def render() -> str:
         "Every job takes `--config FILE` (YAML; `conf/local.yaml` is the local default,",
         "`conf/production.example.yaml` a documented production example) and repeated",
         "`--set section.key=value` overrides (values parsed as YAML: `--set fetch.allowed_schemes=[s3,https]`).",
+        "A map takes one entry per override, named by the rest of the key, its value the string as given:",
+        "`--set spark.conf.spark.hadoop.fs.s3a.path.style.access=true` adds that Spark setting to the file's.",
         "Unknown keys and values of the wrong type stop the job with a message naming the key.",
         "The resolved config is stored as JSON in the `runs` table with every run.",
         "",

@@ -29,6 +29,15 @@ def test_overrides_parse_types():
     assert cfg.fetch.deadline_s == 2.0
 
 
+def test_a_map_entry_override_keeps_its_dotted_name_and_the_files_other_entries(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("spark:\n  conf:\n    spark.ui.enabled: 'false'\n")
+    cfg = load_config(path, ["spark.conf.spark.hadoop.fs.s3a.endpoint=http://127.0.0.1:9000",
+                             "spark.conf.spark.hadoop.fs.s3a.path.style.access=true"])
+    assert cfg.spark.conf == {"spark.ui.enabled": "false", "spark.hadoop.fs.s3a.endpoint": "http://127.0.0.1:9000",
+                              "spark.hadoop.fs.s3a.path.style.access": "true"}
+
+
 def test_zero_shot_classes_from_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  zero_shot:\n    - {name: pool, prompt: a photo of a pool, threshold: 0.7}\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from delta.tables import DeltaTable
@@ -67,10 +68,22 @@ def sql_name(ref: str) -> str:
     return ref if is_catalog_name(ref) else f"delta.`{qualified(ref)}`"
 
 
+# Delta's errors for a table creation that raced another writer's: its first commit came first
+# (a conflict), or is being written (the DynamoDB LogStore writes it to _delta_log/.tmp/ first, and
+# meanwhile the location holds a log without a table).
+CREATION_RACE = ("DELTA_PROTOCOL_CHANGED", "DELTA_METADATA_CHANGED", "DELTA_CREATE_TABLE_WITH_NON_EMPTY_LOCATION",
+                 "DELTA_TABLE_NOT_FOUND")
+CREATE_ATTEMPTS = 5
+
+
 def ensure_delta(spark: SparkSession, ref: str, schema, partition_by: tuple[str, ...] = (),
                  properties: dict[str, str] | None = None) -> DeltaTable:
     """Create an empty Delta table with `schema` if none exists at `ref` (a path, or a catalog name: a
-    table in the catalog, its files where the catalog puts them)."""
+    table in the catalog, its files where the catalog puts them).
+
+    Two runs that start together on a new table (two model versions, or a run and an evaluation
+    appending to runs) both try to create it; the one that loses waits for the winner's table and uses it.
+    """
     builder = DeltaTable.createIfNotExists(spark)
     builder = builder.tableName(ref) if is_catalog_name(ref) else builder.location(qualified(ref))
     builder = builder.addColumns(schema)
@@ -78,7 +91,18 @@ def ensure_delta(spark: SparkSession, ref: str, schema, partition_by: tuple[str,
         builder = builder.partitionedBy(*partition_by)
     for key, value in (properties or {}).items():
         builder = builder.property(key, value)
-    return builder.execute()
+    attempt = 1
+    while True:
+        try:
+            return builder.execute()
+        except Exception as err:
+            race = [name for name in CREATION_RACE if name in str(err)]
+            if attempt == CREATE_ATTEMPTS or not race:
+                raise
+            # Once the winner's commit is there, creating "if not exists" returns its table.
+            log.info("table %s is being created by a concurrent writer (%s): trying again", ref, race[0])
+            time.sleep(attempt)
+            attempt += 1
 
 
 def ensure_predictions(spark: SparkSession, ref: str) -> DeltaTable:

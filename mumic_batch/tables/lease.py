@@ -33,8 +33,7 @@ from mumic_batch.tables.schemas import LEASES
 log = logging.getLogger(__name__)
 
 # Commit conflicts: another run committed to the lease table between our read and our commit.
-CONFLICT = re.compile(r"DELTA_CONCURRENT|DELTA_METADATA_CHANGED|DELTA_PROTOCOL_CHANGED|Concurrent\w*Exception|"
-                      r"DELTA_TABLE_ALREADY_EXISTS|already exists")
+CONFLICT = re.compile(r"DELTA_CONCURRENT|DELTA_METADATA_CHANGED|DELTA_PROTOCOL_CHANGED|Concurrent\w*Exception")
 TRIES = 8  # commit attempts when other versions' runs keep winning the race (each retry re-reads the row)
 
 
@@ -195,13 +194,8 @@ class Lease:
         merge.execute()
 
     def _ensure_table(self) -> None:
-        if table_exists(self.spark, self.path):
-            return
-        try:
-            ensure_delta(self.spark, self.path, LEASES, ("model_version",))
-        except Exception as err:  # noqa: BLE001 - another run created it at the same moment
-            if not (CONFLICT.search(str(err)) and table_exists(self.spark, self.path)):
-                raise
+        if not table_exists(self.spark, self.path):
+            ensure_delta(self.spark, self.path, LEASES, ("model_version",))  # waits out a concurrent creator
 
     def _held_message(self, holder: Holder) -> str:
         return (f"model version {self.version} of {self.predictions} is being tagged by run {holder.run_id} "
