@@ -112,8 +112,9 @@ def test_evaluation_appends_metrics_on_s3(scenario):
 
 @pytest.fixture(scope="module")
 def two_drivers(scenario, s3_server, tiny_artifact, tmp_path_factory) -> dict:
-    """Two driver processes tag one new predictions table with two model versions at the same time,
-    committing through the DynamoDB LogStore; then a third reads what they left."""
+    """Three driver processes tag one new predictions table at the same time, committing through the
+    DynamoDB LogStore: two model versions, and a second run of the first version (a scheduler retry)
+    that must find the lease taken; then a fourth driver reads what they left."""
     work = tmp_path_factory.mktemp("logstore")
     other = work / "model-v2"
     write_tiny_artifact(other, version="tiny-untrained-v2", seed=1)
@@ -123,10 +124,11 @@ def two_drivers(scenario, s3_server, tiny_artifact, tmp_path_factory) -> dict:
                      f"tables.runs={table('ddb_runs', bucket)}"])
     with dynamodb_endpoint(s3_server, work) as java_options:
         overrides = [*plain, *logstore_overrides(jar, java_options)]
-        drivers = [(work / name, artifact) for name, artifact in (("one", tiny_artifact), ("two", other))]
+        drivers = [(work / name, artifact)
+                   for name, artifact in (("one", tiny_artifact), ("two", other), ("retry", tiny_artifact))]
         for folder, _ in drivers:
             folder.mkdir()
-        with ThreadPoolExecutor(2) as pool:
+        with ThreadPoolExecutor(len(drivers)) as pool:
             codes = list(pool.map(
                 lambda d: run_s3_driver(s3_server, overrides, [job("tag_images", overrides, *paths, "--set",
                                                                    f"model.artifact={d[1]}")], d[0])[0],
@@ -138,7 +140,7 @@ def two_drivers(scenario, s3_server, tiny_artifact, tmp_path_factory) -> dict:
                 f"FROM delta.`{table('ddb_runs', bucket)}`"},
     ], work / "read")
     entries = boto3_dynamodb(s3_server).scan(TableName=DDB_TABLE)["Items"]
-    failed = [(folder / "driver.log").read_text()[-6000:] for (folder, _), code in zip(drivers, codes) if code]
+    failed = [(folder / "driver.log").read_text()[-6000:] for (folder, _), code in zip(drivers, codes) if code == 1]
     return {"codes": codes, "rows": rows, "runs": runs, "entries": entries, "table": table("ddb", bucket),
             "failed_logs": failed}
 
@@ -152,15 +154,18 @@ def boto3_dynamodb(server):
 
 
 def test_two_drivers_commit_two_versions_through_the_dynamodb_logstore(two_drivers):
-    assert two_drivers["codes"] == [0, 0], "\n".join(two_drivers["failed_logs"])
+    one, two, retry = two_drivers["codes"]
+    assert two == 0 and sorted((one, retry)) == [0, 3], "\n".join(two_drivers["failed_logs"])
     rows = two_drivers["rows"]
     assert len(rows) == 2 * IMAGES
     assert {(r["model_version"], r["image_id"]) for r in rows} == {
         (v, f"img{i}") for v in ("tiny-untrained-0", "tiny-untrained-v2") for i in range(IMAGES)}
     runs = two_drivers["runs"]
     assert sorted((r["model_version"], r["outcome"], r["processed"]) for r in runs) == [
-        ("tiny-untrained-0", "succeeded", IMAGES), ("tiny-untrained-v2", "succeeded", IMAGES)]
-    assert max(r["started_at"] for r in runs) < min(r["ended_at"] for r in runs)  # the runs overlapped
+        ("tiny-untrained-0", "locked", None), ("tiny-untrained-0", "succeeded", IMAGES),
+        ("tiny-untrained-v2", "succeeded", IMAGES)]  # the same version's second run exited through the lease
+    done = [r for r in runs if r["outcome"] == "succeeded"]
+    assert max(r["started_at"] for r in done) < min(r["ended_at"] for r in done)  # the runs overlapped
     # Every commit of the predictions table went through DynamoDB: one complete entry per log version.
     commits = sorted(e["fileName"]["S"] for e in two_drivers["entries"]
                      if e["tablePath"]["S"] == two_drivers["table"])
