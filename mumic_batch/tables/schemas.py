@@ -37,6 +37,13 @@ PREDICTIONS = StructType(
     ]
 )
 
+# What jobs/add_labels.py computes per predictions row from its stored embedding (staged, then
+# MERGEd): the new classes' probability map and labels, typed as the predictions columns they join.
+ZERO_SHOT_SCORES = StructType(
+    [StructField("image_id", StringType(), False), StructField("run_id", StringType(), False)]
+    + [f for f in UDF_OUTPUT.fields if f.name in ("zero_shot_probs", "zero_shot_labels")]
+)
+
 PREDICTION_KEYS = ("image_id", "model_version")
 PREDICTIONS_PARTITION = "model_version"
 # docs/tables.md says why: downstream jobs read tonight's changes from the change feed, file
