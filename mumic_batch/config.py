@@ -185,8 +185,7 @@ class AddLabelsCfg:
 
 @dataclass(frozen=True)
 class SearchCfg:
-    index_dir: str = "data/out/search"  # where indexes are kept, one directory per model version: <index_dir>/<version>/
-    model_version: str = ""  # version whose embeddings are indexed and searched (empty: model.artifact's version)
+    index_dir: str = "data/out/search"  # local directory of the indexes, one per model version: <index_dir>/<version>/
     m: int = 32  # HNSW graph degree M: more gives better recall and a bigger index
     ef_construction: int = 200  # HNSW candidate list while building: more gives a better graph, slower builds
     ef_search: int = 128  # HNSW candidate list while searching: more gives better recall, slower queries
@@ -194,6 +193,8 @@ class SearchCfg:
     duplicates: str = "data/out/duplicates"  # output Delta path of the near-duplicate groups table
     duplicate_cosine: float = 0.97  # two images whose embeddings' cosine is at least this are near-duplicates
     duplicate_neighbours: int = 10  # neighbours per image looked at for near-duplicates
+    recall_queries: int = 200  # indexed images whose top_k the build also finds exactly, to measure recall (0: none)
+    threads: int = 0  # threads building and searching the index (0: all cores)
 
     def __post_init__(self) -> None:
         _require(self.m >= 2, "search.m", "must be >= 2")
@@ -202,6 +203,8 @@ class SearchCfg:
         _require(self.ef_construction >= 1 and self.ef_search >= self.top_k, "search.ef_search",
                  "must be >= search.top_k (and search.ef_construction >= 1)")
         _require(-1.0 <= self.duplicate_cosine <= 1.0, "search.duplicate_cosine", "must be in [-1, 1]")
+        _require(self.recall_queries >= 0 and self.threads >= 0, "search.recall_queries",
+                 "and search.threads must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ pytest_plugins = [
     "tests.fixtures.net",
     "tests.fixtures.spark",
     "tests.fixtures.models",
+    "tests.fixtures.stored",
 ]
 
 

@@ -8,27 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs import add_labels, tag_images
-from mumic_batch.config import SampleCfg, ZeroShotClassCfg
-from mumic_batch.core.ids import image_id_for
-from mumic_batch.core.sample import generate_sample
+from jobs import add_labels
 from mumic_batch.model.predictor import Predictor
 from mumic_batch.pipeline.add_labels import chosen_classes
-from mumic_batch.pipeline.sample import CATALOGUE
 from tests.fixtures.models import random_pixels, write_tiny_artifact
-from tests.fixtures.tagging import tag_args
+from tests.fixtures.stored import STORED_CLASSES, zero_shot_set
 
-CLASSES = (
-    ZeroShotClassCfg("gradient", "a photo with a gradient background", 0.3),
-    ZeroShotClassCfg("pool", "a photo with a pool", 0.3),
-    ZeroShotClassCfg("seven", "a photo of the digit seven", 0.25),
-)
-ADDED = ("pool", "seven")
-
-
-def zero_shot_set(classes) -> str:
-    items = ", ".join(f"{{name: {c.name}, prompt: {c.prompt}, threshold: {c.threshold}}}" for c in classes)
-    return f"model.zero_shot=[{items}]"
+CLASSES = STORED_CLASSES
+ADDED = ("pool", "seven")  # the reference table has them from tagging; the copy gets them from add_labels
 
 
 def test_class_head_scores_embeddings_as_the_predictor_does(tiny_artifact):
@@ -49,28 +36,14 @@ def test_classes_come_from_model_zero_shot():
         chosen_classes((), ())
 
 
-@pytest.fixture(scope="module")
-def tagged(spark, tmp_path_factory, tiny_artifact) -> Path:
-    """Ten sample images and a missing file tagged with all CLASSES (the reference) into <root>/tagged."""
-    root = tmp_path_factory.mktemp("add_labels")
-    sample = generate_sample(SampleCfg(out_dir=str(root / "sample"), n_images=10, seed=5))
-    rows = [(r.image_id, r.uri, r.updated_at.to_pydatetime()) for r in sample.catalogue.itertuples(index=False)]
-    missing = str(root / "sample" / "images" / "missing.jpg")
-    rows.append((image_id_for(missing), missing, rows[0][2]))
-    spark.createDataFrame(rows, CATALOGUE).write.format("delta").save(str(root / "catalogue"))
-    args = tag_args(root / "tagged", str(root / "catalogue"), tiny_artifact, "--set", zero_shot_set(CLASSES))
-    assert tag_images.main(args) == 0
-    return root
-
-
-def without_added(spark, tagged: Path, out: Path) -> str:
+def without_added(spark, tagged_sample: Path, out: Path) -> str:
     """A copy of the reference table as tagging with only the first class would have written it."""
     from pyspark.sql import functions as F
 
     from mumic_batch.tables.io import ensure_predictions
 
     names = F.array(*[F.lit(n) for n in ADDED])
-    rows = spark.read.format("delta").load(str(tagged / "tagged" / "predictions")).select(
+    rows = spark.read.format("delta").load(str(tagged_sample / "tagged" / "predictions")).select(
         "*",
         F.map_filter("zero_shot_probs", lambda k, _: ~F.array_contains(names, k)).alias("zp"),
         F.filter("zero_shot_labels", lambda x: ~F.array_contains(names, x)).alias("zl"))
@@ -89,23 +62,23 @@ def by_id(spark, path: str) -> dict[str, dict]:
 
 def run_add_labels(capsys, predictions: str, runs: str, artifact: Path, *extra: str) -> tuple[int, dict]:
     code = add_labels.main(["--set", f"tables.predictions={predictions}", "--set", f"tables.runs={runs}",
-                            "--set", f"model.artifact={artifact}", "--set", zero_shot_set(CLASSES), *extra])
+                            "--set", f"model.artifact={artifact}", "--set", zero_shot_set(), *extra])
     return code, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
 @pytest.mark.spark
-def test_added_classes_equal_tagging_with_them(spark, capsys, tmp_path, tagged, tiny_artifact):
-    reference = by_id(spark, str(tagged / "tagged" / "predictions"))
+def test_added_classes_equal_tagging_with_them(spark, capsys, tmp_path, tagged_sample, tiny_artifact):
+    reference = by_id(spark, str(tagged_sample / "tagged" / "predictions"))
     labelled = {lab for r in reference.values() for lab in (r["zero_shot_labels"] or ()) if lab in ADDED}
     unlabelled = [r for r in reference.values() if r["status"] == "ok" and not set(ADDED) <= set(r["zero_shot_labels"])]
     assert labelled and unlabelled  # the thresholds split the sample: labels are a real check
-    partial = without_added(spark, tagged, tmp_path / "predictions")
+    partial = without_added(spark, tagged_sample, tmp_path / "predictions")
     code, summary = run_add_labels(capsys, partial, str(tmp_path / "runs"), tiny_artifact,
                                    "--set", f"add_labels.classes=[{', '.join(ADDED)}]")
     assert code == 0, summary
     ok = [r for r in reference.values() if r["status"] == "ok"]
-    assert summary["classes"] == list(ADDED) and summary["processed"] == len(ok) == 10
-    assert summary["input_rows"] == summary["updated_rows"] == 11
+    assert summary["classes"] == list(ADDED) and summary["processed"] == len(ok) == 11
+    assert summary["input_rows"] == summary["updated_rows"] == 12
     result = by_id(spark, partial)
     assert result.keys() == reference.keys()
     for image_id, want in reference.items():
@@ -120,17 +93,17 @@ def test_added_classes_equal_tagging_with_them(spark, capsys, tmp_path, tagged, 
         rest = [c for c in want if c not in ("zero_shot_probs", "zero_shot_labels")]
         assert {c: got[c] for c in rest} == {c: want[c] for c in rest}, image_id
     run = spark.read.format("delta").load(str(tmp_path / "runs")).first()
-    assert (run["job"], run["outcome"], run["processed"], run["input_rows"]) == ("add_labels", "succeeded", 10, 11)
-    assert run["status_counts"] == {"ok": 10, "not_found": 1} and run["images_per_s"] > 0
+    assert (run["job"], run["outcome"], run["processed"], run["input_rows"]) == ("add_labels", "succeeded", 11, 12)
+    assert run["status_counts"] == {"ok": 11, "not_found": 1} and run["images_per_s"] > 0
     assert set(run["stage_seconds"]) == {"text", "score", "write"}
 
 
 @pytest.mark.spark
-def test_rows_retagged_meanwhile_keep_their_scores(spark, tmp_path, tagged):
+def test_rows_retagged_meanwhile_keep_their_scores(spark, tmp_path, tagged_sample):
     from mumic_batch.tables.io import merge_zero_shot
     from mumic_batch.tables.schemas import ZERO_SHOT_SCORES
 
-    partial = without_added(spark, tagged, tmp_path / "predictions")
+    partial = without_added(spark, tagged_sample, tmp_path / "predictions")
     before = by_id(spark, partial)
     ok = sorted(i for i, r in before.items() if r["status"] == "ok")
     scores = [(ok[0], before[ok[0]]["run_id"], {"pool": 0.5}, ["pool"]),
@@ -145,10 +118,10 @@ def test_rows_retagged_meanwhile_keep_their_scores(spark, tmp_path, tagged):
 
 
 @pytest.mark.spark
-def test_embeddings_of_other_weights_fail_the_run(spark, capsys, tmp_path, tagged):
+def test_embeddings_of_other_weights_fail_the_run(spark, capsys, tmp_path, tagged_sample):
     # Same name and version, other weights: the stored embeddings are not this text tower's.
     write_tiny_artifact(tmp_path / "other", seed=7)
-    code, summary = run_add_labels(capsys, str(tagged / "tagged" / "predictions"), str(tmp_path / "runs"),
+    code, summary = run_add_labels(capsys, str(tagged_sample / "tagged" / "predictions"), str(tmp_path / "runs"),
                                    tmp_path / "other")
     assert code == 1 and "cannot be scored with this text tower" in summary["error"]
     run = spark.read.format("delta").load(str(tmp_path / "runs")).first()

@@ -161,6 +161,11 @@ class Predictor:
         if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, size, size):
             raise ValueError(f"pixels must be [N, 3, {size}, {size}], got {list(batch.shape)}")
 
+    def text_embeddings(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit-norm text embeddings [n, D] float32 of free texts (search queries), as prompts are embedded."""
+        with torch.inference_mode(), self._autocast():
+            return self.model.encode_prompts(list(texts)).float().cpu().numpy()
+
     def class_head(self, names: Sequence[str]) -> ClassHead:
         """The classes `names` (zero-shot extras or manifest classes) as a ClassHead, for stored embeddings."""
         index = {c.name: i for i, c in enumerate(self.classes)}

@@ -13,15 +13,13 @@ import logging
 import time
 from collections.abc import Sequence
 
-from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import functions as F
 
 from mumic_batch.config import JobCfg, ZeroShotClassCfg, to_dict
-from mumic_batch.core import status as st
 from mumic_batch.pipeline.runs import RunRecord, recorded
+from mumic_batch.pipeline.stored import stored_rows
 from mumic_batch.spark.rescore import with_class_scores
-from mumic_batch.tables.io import TableError, delete_path, merge_zero_shot, table_exists
+from mumic_batch.tables.io import delete_path, merge_zero_shot
 
 log = logging.getLogger(__name__)
 
@@ -48,30 +46,27 @@ def chosen_classes(zero_shot: Sequence[ZeroShotClassCfg], names: Sequence[str]) 
 
 def _add(spark: SparkSession, cfg: JobCfg, record: RunRecord) -> dict:
     path = cfg.tables.predictions
-    if not table_exists(spark, path):
-        raise TableError(f"no predictions table at {path}: tag a model version first (jobs/tag_images.py)")
     classes = chosen_classes(cfg.model.zero_shot, cfg.add_labels.classes)
     started = time.perf_counter()
     head, manifest = class_head(cfg.model.artifact, cfg.model.zero_shot, [c.name for c in classes])
     record.model_name, record.model_version = manifest.name, manifest.version
     record.stage_seconds["text"] = time.perf_counter() - started
-    version = DeltaTable.forPath(spark, path).history(1).first()["version"]
-    record.source, record.source_version = path, int(version)
-    rows = (spark.read.format("delta").option("versionAsOf", version).load(path)
-            .where(F.col("model_version") == manifest.version))
-    _check_rows(rows, manifest, record)
+    stored = stored_rows(spark, path, manifest)
+    record.source, record.source_version = path, stored.table_version
+    record.status_counts, record.input_rows, record.processed = stored.status_counts, stored.total, stored.ok
     log.info("run %s: scoring %s into %d ok rows of %s (table version %d)", record.run_id, list(head.names),
-             record.processed, manifest.version, version)
-    staging = f"{path.rstrip('/')}__staging/{record.run_id}/zero_shot"
+             stored.ok, manifest.version, stored.table_version)
+    staging = f"{path.rstrip('/')}__staging/{record.run_id}"
     try:
-        metrics = _score_and_merge(spark, rows, head, staging, path, record)
+        metrics = _score_and_merge(spark, stored.rows, head, f"{staging}/zero_shot", path, record)
     finally:
-        delete_path(spark, staging.rsplit("/", 1)[0])
+        delete_path(spark, staging)
     updated = int(metrics.get("numTargetRowsUpdated", 0))
-    record.message = (f"added {', '.join(head.names)} to {record.processed} ok rows of {manifest.version}; "
-                      f"{record.input_rows - updated} rows re-tagged since table version {version} kept theirs")
+    record.message = (f"added {', '.join(head.names)} to {stored.ok} ok rows of {manifest.version}; "
+                      f"{stored.total - updated} rows re-tagged since table version {stored.table_version} "
+                      "kept theirs")
     return {"job": JOB, "run_id": record.run_id, "model_version": manifest.version, "classes": list(head.names),
-            "input_rows": record.input_rows, "processed": record.processed, "updated_rows": updated,
+            "input_rows": stored.total, "processed": stored.ok, "updated_rows": updated,
             "rows_per_s": record.images_per_s, "stage_seconds": record.stage_seconds,
             "predictions": path, "runs": cfg.tables.runs}
 
@@ -82,21 +77,6 @@ def class_head(artifact: str, zero_shot: Sequence[ZeroShotClassCfg], names: Sequ
 
     predictor = Predictor.load(artifact, zero_shot=zero_shot, device="cpu", precision="fp32")
     return predictor.class_head(names), predictor.manifest
-
-
-def _check_rows(rows: DataFrame, manifest, record: RunRecord) -> None:
-    """Counts by status; fails when the version has no rows or its embeddings came from other weights."""
-    counts = rows.groupBy("status").agg(F.count(F.lit(1)).alias("n"),
-                                        F.collect_set("model_sha256").alias("sha")).collect()
-    record.status_counts = {r["status"]: int(r["n"]) for r in counts}
-    record.input_rows = sum(record.status_counts.values())
-    record.processed = record.status_counts.get(st.OK, 0)
-    if not record.processed:
-        raise ValueError(f"no ok rows of model version {manifest.version} in the predictions table: tag it first")
-    foreign = sorted({s for r in counts for s in r["sha"]} - {manifest.weights_sha256})
-    if foreign:
-        raise ValueError(f"rows of {manifest.version} were tagged by weights {foreign}, not by the artifact's "
-                         f"{manifest.weights_sha256}: their embeddings cannot be scored with this text tower")
 
 
 def _score_and_merge(spark: SparkSession, rows: DataFrame, head, staging: str, path: str,

@@ -89,6 +89,22 @@ RUNS = StructType([
     StructField("chunks_merged", LongType(), True),
 ])
 
+# The near-duplicate groups table (jobs/search.py build; docs/tables.md): one row per image that has a
+# near-duplicate in its model version, replaced per version by every build.
+DUPLICATES = StructType([
+    StructField("model_version", StringType(), False),
+    StructField("group_id", StringType(), False),
+    StructField("group_size", IntegerType(), False),
+    StructField("image_id", StringType(), False),
+    StructField("uri", StringType(), True),
+    StructField("content_sha256", StringType(), True),
+    StructField("same_content", BooleanType(), False),
+    StructField("nearest_id", StringType(), True),
+    StructField("nearest_cosine", FloatType(), True),
+    StructField("run_id", StringType(), False),
+    StructField("found_at", TimestampType(), False),
+])
+
 # The metrics table (docs/tables.md): one row per (model version, dataset, split, class or overall, metric, run).
 METRICS = StructType([
     StructField("model_name", StringType(), False),
