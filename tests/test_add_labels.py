@@ -92,6 +92,10 @@ def test_added_classes_equal_tagging_with_them(spark, capsys, tmp_path, tagged_s
                                        list(want["zero_shot_probs"].values()), rtol=0, atol=1e-6)
         rest = [c for c in want if c not in ("zero_shot_probs", "zero_shot_labels")]
         assert {c: got[c] for c in rest} == {c: want[c] for c in rest}, image_id
+    from delta.tables import DeltaTable
+
+    merge = DeltaTable.forPath(spark, partial).history(1).first()["operationMetrics"]
+    assert merge["numTargetDeletionVectorsAdded"] == "0"  # the failed row too: old files removed whole
     run = spark.read.format("delta").load(str(tmp_path / "runs")).first()
     assert (run["job"], run["outcome"], run["processed"], run["input_rows"]) == ("add_labels", "succeeded", 11, 12)
     assert run["status_counts"] == {"ok": 11, "not_found": 1} and run["images_per_s"] > 0

@@ -107,29 +107,21 @@ class Built:
 
 def _index(work: Path, dim: int, search: SearchCfg, record: RunRecord) -> Built:
     """Pass 1 builds the index and ids.parquet; pass 2 finds near-duplicates and the exact top k of a sample."""
-    params = ann.HnswParams(search.m, search.ef_construction, search.ef_search)
-    index, rows = ann.new_index(dim, params), 0
     started = time.perf_counter()
-    with pq.ParquetWriter(work / IDS_FILE, IDS_SCHEMA) as ids:
-        for batch, vectors in _staged(work / "staging", dim):
-            index.add(np.arange(rows, rows + len(vectors)), vectors, threads=search.threads)
-            ids.write_table(pa.Table.from_batches([batch.select(IDS_SCHEMA.names)]).cast(IDS_SCHEMA))
-            rows += len(vectors)
-    index.save(str(work / ann.INDEX_FILE))
+    index, rows = _add_all(work, dim, search)
     record.stage_seconds["index"] = time.perf_counter() - started
     log.info("run %s: indexed %d vectors in %.1f s", record.run_id, rows, record.stage_seconds["index"])
     started = time.perf_counter()
     sample = np.sort(np.random.default_rng(0).choice(rows, min(rows, search.recall_queries), replace=False))
-    exact = ann.ExactTopK(ann.vectors(index, sample), search.top_k + 1) if len(sample) else None
-    pairs, key = [], 0
+    exact = ann.ExactTopK(ann.vectors(index, sample), search.top_k + 1)
+    pairs, key = [np.zeros((0, 3))], 0
     for _, vectors in _staged(work / "staging", dim):
         keys = np.arange(key, key + len(vectors))
         pairs.append(_near_pairs(index, keys, vectors, search))
-        if exact is not None:
-            exact.add(keys, vectors)
+        exact.add(keys, vectors)
         key += len(vectors)
     recall = None
-    if exact is not None:
+    if len(sample):
         found, cosines = ann.search(index, exact.queries, search.top_k + 1, search.threads)
         recall = ann.recall_at_k(_without(found, cosines, sample, search.top_k),
                                  _without(exact.keys, exact.scores, sample, search.top_k))
@@ -138,11 +130,26 @@ def _index(work: Path, dim: int, search: SearchCfg, record: RunRecord) -> Built:
     return Built(rows, recall, len(sample), duplicate_groups(ids, np.concatenate(pairs)))
 
 
+def _add_all(work: Path, dim: int, search: SearchCfg):
+    """(index of every staged vector, saved; row count); ids.parquet maps the keys 0..n-1 to the rows."""
+    index = ann.new_index(dim, ann.HnswParams(search.m, search.ef_construction, search.ef_search))
+    rows = 0
+    with pq.ParquetWriter(work / IDS_FILE, IDS_SCHEMA) as ids:
+        for batch, vectors in _staged(work / "staging", dim):
+            index.add(np.arange(rows, rows + len(vectors)), vectors, threads=search.threads)
+            ids.write_table(pa.Table.from_batches([batch.select(IDS_SCHEMA.names)]).cast(IDS_SCHEMA))
+            rows += len(vectors)
+    index.save(str(work / ann.INDEX_FILE))
+    return index, rows
+
+
 def _staged(path: Path, dim: int) -> Iterator[tuple[pa.RecordBatch, np.ndarray]]:
     """The staged rows in a fixed order (files by name), with their embeddings as [n, dim] float32."""
     for file in sorted(path.glob("*.parquet")):
         for batch in pq.ParquetFile(file).iter_batches(batch_size=BATCH_ROWS):
             values = batch.column("embedding").flatten().to_numpy(zero_copy_only=False)
+            if values.size != batch.num_rows * dim:
+                raise ValueError(f"stored embeddings in {file} are not all of the model's size {dim}")
             yield batch, values.astype(np.float32, copy=False).reshape(batch.num_rows, dim)
 
 
