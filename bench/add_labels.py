@@ -97,9 +97,10 @@ def synthetic_rows(spark, work: Path, n: int, sha: str) -> None:
     from mumic_batch.tables.io import ensure_predictions
 
     rows = predictions(spark, catalogue_rows(spark, 0, n, ["/nowhere.jpg"]), ["a", "b"], VERSION)
-    unit = F.expr("transform(embedding, x -> CAST(x / sqrt(aggregate(embedding, 0D, (s, y) -> s + y * y)) AS float))")
-    rows = rows.withColumn("embedding", unit).withColumn("model_sha256", F.lit(sha)).withColumn("model_name",
-                                                                                                F.lit("bench"))
+    norm = F.expr("sqrt(aggregate(embedding, 0D, (s, y) -> s + y * y))")
+    unit = F.expr("transform(embedding, x -> CAST(x / norm AS float))")  # the norm once per row, not per element
+    rows = (rows.withColumn("norm", norm).withColumn("embedding", unit).drop("norm")
+            .withColumn("model_sha256", F.lit(sha)).withColumn("model_name", F.lit("bench")))
     ensure_predictions(spark, str(work / "predictions"))
     rows.write.format("delta").mode("append").save(str(work / "predictions"))
 
