@@ -197,6 +197,35 @@ class MaintainCfg:
 
 
 @dataclass(frozen=True)
+class AddLabelsCfg:
+    classes: tuple[str, ...] = ()  # names of model.zero_shot entries to score into the stored rows (empty: all of them)
+
+
+@dataclass(frozen=True)
+class SearchCfg:
+    index_dir: str = "data/out/search"  # local directory of the indexes, one per model version: <index_dir>/<version>/
+    m: int = 32  # HNSW graph degree M: more gives better recall and a bigger index
+    ef_construction: int = 200  # HNSW candidate list while building: more gives a better graph, slower builds
+    ef_search: int = 128  # HNSW candidate list while searching: more gives better recall, slower queries
+    top_k: int = 10  # neighbours returned per query
+    duplicates: str = "data/out/duplicates"  # output Delta path of the near-duplicate groups table
+    duplicate_cosine: float = 0.97  # two images whose embeddings' cosine is at least this are near-duplicates
+    duplicate_neighbours: int = 10  # neighbours per image looked at for near-duplicates
+    recall_queries: int = 200  # indexed images whose top_k the build also finds exactly, to measure recall (0: none)
+    threads: int = 0  # threads building and searching the index (0: all cores)
+
+    def __post_init__(self) -> None:
+        _require(self.m >= 2, "search.m", "must be >= 2")
+        _require(self.top_k >= 1 and self.duplicate_neighbours >= 1, "search.top_k",
+                 "and search.duplicate_neighbours must be >= 1")
+        _require(self.ef_construction >= 1 and self.ef_search >= self.top_k, "search.ef_search",
+                 "must be >= search.top_k (and search.ef_construction >= 1)")
+        _require(-1.0 <= self.duplicate_cosine <= 1.0, "search.duplicate_cosine", "must be in [-1, 1]")
+        _require(self.recall_queries >= 0 and self.threads >= 0, "search.recall_queries",
+                 "and search.threads must be >= 0")
+
+
+@dataclass(frozen=True)
 class SampleCfg:
     out_dir: str = "data/sample"  # where images and tables are written
     n_images: int = 300  # number of images
@@ -372,6 +401,8 @@ class JobCfg:
     infer: InferCfg = field(default_factory=InferCfg)
     tag: TagCfg = field(default_factory=TagCfg)
     maintain: MaintainCfg = field(default_factory=MaintainCfg)
+    add_labels: AddLabelsCfg = field(default_factory=AddLabelsCfg)
+    search: SearchCfg = field(default_factory=SearchCfg)
     sample: SampleCfg = field(default_factory=SampleCfg)
     init_model: InitModelCfg = field(default_factory=InitModelCfg)
     pretrain: PretrainCfg = field(default_factory=PretrainCfg)

@@ -5,6 +5,7 @@ pytest_plugins = [
     "tests.fixtures.spark",
     "tests.fixtures.models",
     "tests.fixtures.queries",
+    "tests.fixtures.stored",
 ]
 
 

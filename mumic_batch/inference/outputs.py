@@ -88,6 +88,17 @@ class OutputBuilder:
         return pa.RecordBatch.from_arrays(columns, schema=OUTPUT_SCHEMA)
 
 
+def class_columns(names: Sequence[str], thresholds: np.ndarray, ok: np.ndarray,
+                  probs: np.ndarray) -> tuple[pa.Array, pa.Array]:
+    """Tagging's (probability map, labels) columns for one group of classes, outside a frame build.
+
+    ok [n] marks the rows that have scores (the others get nulls); probs [n_ok, C] holds their
+    probabilities in `names` order. jobs/add_labels.py builds its zero-shot columns with this.
+    """
+    group = _ClassGroup(names, thresholds, np.arange(len(names)))
+    return group.columns(ok, pa.array(~ok), probs)
+
+
 class _ClassGroup:
     """The trained or the zero-shot classes: their map column and their labels column."""
 

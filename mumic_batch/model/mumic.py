@@ -81,8 +81,11 @@ class MuMIC(nn.Module):
 
     def logits(self, image_emb: Tensor, class_emb: Tensor) -> Tensor:
         """Tempered logits exp(log_scale) * cos + bias, [N, C]; inputs must already be unit-norm."""
-        logits = self.log_scale.exp() * (image_emb.float() @ class_emb.float().T)
-        return logits if self.bias is None else logits + self.bias
+        return tempered_logits(image_emb, class_emb, self.log_scale, self.bias)
+
+    def probs(self, image_emb: Tensor, class_emb: Tensor) -> Tensor:
+        """Class probabilities sigmoid(logits), [N, C]: what tagging stores."""
+        return tempered_probs(image_emb, class_emb, self.log_scale, self.bias)
 
     def forward(self, pixels: Tensor, class_emb: Tensor) -> tuple[Tensor, Tensor]:
         """Return (logits [N, C], image embeddings [N, D]); probabilities are sigmoid(logits).
@@ -92,6 +95,17 @@ class MuMIC(nn.Module):
         """
         image_emb = self.encode_images(pixels)
         return self.logits(image_emb, class_emb), image_emb
+
+
+def tempered_logits(image_emb: Tensor, class_emb: Tensor, log_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """exp(log_scale) * (image_emb @ class_emb.T) + bias in float32, [N, C]; embeddings must be unit-norm."""
+    logits = log_scale.exp() * (image_emb.float() @ class_emb.float().T)
+    return logits if bias is None else logits + bias
+
+
+def tempered_probs(image_emb: Tensor, class_emb: Tensor, log_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """The tempered sigmoid: the probabilities tagging stores, and add_labels computes from stored embeddings."""
+    return torch.sigmoid(tempered_logits(image_emb, class_emb, log_scale, bias))
 
 
 def build_mumic(

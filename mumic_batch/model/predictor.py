@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 from mumic_batch.core.preprocess import PreprocessSpec
 from mumic_batch.model.artifact import ClassEntry, Manifest, load_artifact
 from mumic_batch.model.device import autocast, resolve_device, resolve_precision
-from mumic_batch.model.mumic import MuMIC
+from mumic_batch.model.mumic import MuMIC, tempered_probs
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ class Predictor:
     def _scores(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast():
             image_emb = self._encode(batch)
-            probs = torch.sigmoid(self.model.logits(image_emb, self.class_emb))
+            probs = self.model.probs(image_emb, self.class_emb)
         return probs.float(), image_emb.float()
 
     def _check_shape(self, batch: torch.Tensor) -> None:
@@ -160,7 +161,59 @@ class Predictor:
         if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, size, size):
             raise ValueError(f"pixels must be [N, 3, {size}, {size}], got {list(batch.shape)}")
 
+    def text_embeddings(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit-norm text embeddings [n, D] float32 of free texts (search queries), as prompts are embedded."""
+        with torch.inference_mode(), self._autocast():
+            return self.model.encode_prompts(list(texts)).float().cpu().numpy()
+
+    def class_head(self, names: Sequence[str]) -> ClassHead:
+        """The classes `names` (zero-shot extras or manifest classes) as a ClassHead, for stored embeddings."""
+        index = {c.name: i for i, c in enumerate(self.classes)}
+        missing = [n for n in names if n not in index]
+        if missing:
+            raise ValueError(f"classes {missing} are not among the predictor's classes {list(index)}")
+        rows = [index[n] for n in names]
+        bias = self.model.bias
+        return ClassHead(
+            names=tuple(names),
+            thresholds=self.thresholds[rows],
+            class_emb=self.class_emb[rows].cpu().numpy(),
+            log_scale=float(self.model.log_scale.detach().cpu()),
+            bias=None if bias is None else float(bias.detach().cpu()),
+        )
+
     def with_zero_shot(self, zero_shot: Sequence[ClassLike]) -> Predictor:
         """A predictor sharing this model with a different set of zero-shot classes."""
         classes = merge_classes(self.manifest, zero_shot)
         return Predictor(self.model, self.manifest, classes, self.device, self.precision)
+
+
+@dataclass(frozen=True)
+class ClassHead:
+    """Some classes' text embeddings with the model's temperature and bias, without the towers.
+
+    Built once on the driver (Predictor.class_head), small and picklable; `probs` scores stored image
+    embeddings through the same tempered sigmoid as tagging, so a class added later gets the values
+    tagging with it would have stored (on CPU in fp32; a bf16 GPU run differs in the low bits).
+    """
+
+    names: tuple[str, ...]
+    thresholds: np.ndarray  # [C] float32, in `names` order
+    class_emb: np.ndarray  # [C, D] float32, unit-norm prompt embeddings
+    log_scale: float  # float32 value of the model's log temperature
+    bias: float | None  # float32 value of the model's logit bias, None for a model without one
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.class_emb.shape[1])
+
+    def probs(self, image_emb: np.ndarray) -> np.ndarray:
+        """[N, D] float32 unit-norm image embeddings -> [N, C] float32 probabilities."""
+        if image_emb.ndim != 2 or image_emb.shape[1] != self.embed_dim:
+            raise ValueError(f"embeddings must be [N, {self.embed_dim}], got {list(image_emb.shape)}")
+        bias = None if self.bias is None else torch.tensor(self.bias, dtype=torch.float32)
+        with torch.inference_mode():
+            probs = tempered_probs(torch.from_numpy(np.ascontiguousarray(image_emb, dtype=np.float32)),
+                                   torch.from_numpy(self.class_emb), torch.tensor(self.log_scale, dtype=torch.float32),
+                                   bias)
+        return probs.numpy()

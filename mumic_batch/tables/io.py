@@ -8,6 +8,7 @@ from pathlib import Path
 
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
 from mumic_batch.sql.views import is_catalog_name
 from mumic_batch.tables.schemas import PREDICTION_KEYS, PREDICTIONS, PREDICTIONS_PARTITION, PREDICTIONS_PROPERTIES
@@ -160,6 +161,35 @@ def merge_predictions(spark: SparkSession, source: DataFrame, path: str, model_v
         .whenNotMatchedInsert(values=values)
         .execute()
     )
+
+
+def merge_zero_shot(spark: SparkSession, source: DataFrame, path: str, model_version: str,
+                    names: tuple[str, ...]) -> dict[str, str]:
+    """Merge newly scored zero-shot classes (ZERO_SHOT_SCORES rows) into a model version's rows.
+
+    Keyed by (image_id, model_version) and guarded by run_id: a row re-tagged after `source` was
+    read has another run_id and keeps what its tagging stored. In a matched row the classes `names`
+    are replaced (added when new) and its other zero-shot classes kept, first, in their order; a
+    source row with null scores (no embedding: a failed image) is written back unchanged, so that
+    every old file of the partition is removed whole instead of left behind with a deletion vector.
+    Returns the MERGE's operation metrics.
+    """
+    target = DeltaTable.forPath(spark, path)
+    version = model_version.replace("'", "''")
+    condition = f"t.{PREDICTIONS_PARTITION} = '{version}' AND t.image_id = s.image_id AND t.run_id = s.run_id"
+    scored = F.array(*[F.lit(n) for n in names])
+    kept_probs = F.map_filter(F.col("t.zero_shot_probs"), lambda k, _: ~F.array_contains(scored, k))
+    kept_labels = F.filter(F.col("t.zero_shot_labels"), lambda x: ~F.array_contains(scored, x))
+    no_scores = F.col("s.zero_shot_probs").isNull()
+    updates = {
+        "zero_shot_probs": F.when(no_scores, F.col("t.zero_shot_probs"))
+        .otherwise(F.map_concat(F.coalesce(kept_probs, F.create_map().cast("map<string,float>")),
+                                F.col("s.zero_shot_probs"))),
+        "zero_shot_labels": F.when(no_scores, F.col("t.zero_shot_labels"))
+        .otherwise(F.concat(F.coalesce(kept_labels, F.array().cast("array<string>")), F.col("s.zero_shot_labels"))),
+    }
+    target.alias("t").merge(source.alias("s"), condition).whenMatchedUpdate(set=updates).execute()
+    return dict(target.history(1).first()["operationMetrics"] or {})
 
 
 def append_rows(spark: SparkSession, rows: list[tuple], schema, path: str) -> None:

@@ -37,6 +37,13 @@ PREDICTIONS = StructType(
     ]
 )
 
+# What jobs/add_labels.py computes per predictions row from its stored embedding (staged, then
+# MERGEd): the new classes' probability map and labels, typed as the predictions columns they join.
+ZERO_SHOT_SCORES = StructType(
+    [StructField("image_id", StringType(), False), StructField("run_id", StringType(), False)]
+    + [f for f in UDF_OUTPUT.fields if f.name in ("zero_shot_probs", "zero_shot_labels")]
+)
+
 PREDICTION_KEYS = ("image_id", "model_version")
 PREDICTIONS_PARTITION = "model_version"
 # docs/tables.md says why: downstream jobs read tonight's changes from the change feed, file
@@ -91,6 +98,22 @@ LEASES = StructType([
     StructField("acquired_at", TimestampType(), False),
     StructField("renewed_at", TimestampType(), False),
     StructField("expires_at", TimestampType(), False),
+])
+
+# The near-duplicate groups table (jobs/search.py build; docs/tables.md): one row per image that has a
+# near-duplicate in its model version, replaced per version by every build.
+DUPLICATES = StructType([
+    StructField("model_version", StringType(), False),
+    StructField("group_id", StringType(), False),
+    StructField("group_size", IntegerType(), False),
+    StructField("image_id", StringType(), False),
+    StructField("uri", StringType(), True),
+    StructField("content_sha256", StringType(), True),
+    StructField("same_content", BooleanType(), False),
+    StructField("nearest_id", StringType(), True),
+    StructField("nearest_cosine", FloatType(), True),
+    StructField("run_id", StringType(), False),
+    StructField("found_at", TimestampType(), False),
 ])
 
 # The metrics table (docs/tables.md): one row per (model version, dataset, split, class or overall, metric, run).
