@@ -97,10 +97,11 @@ def synthetic_rows(spark, work: Path, n: int, sha: str) -> None:
     from mumic_batch.tables.io import ensure_predictions
 
     rows = predictions(spark, catalogue_rows(spark, 0, n, ["/nowhere.jpg"]), ["a", "b"], VERSION)
-    norm = F.expr("sqrt(aggregate(embedding, 0D, (s, y) -> s + y * y))")
-    unit = F.expr("transform(embedding, x -> CAST(x / norm AS float))")  # the norm once per row, not per element
-    rows = (rows.withColumn("norm", norm).withColumn("embedding", unit).drop("norm")
-            .withColumn("model_sha256", F.lit(sha)).withColumn("model_name", F.lit("bench")))
+    # +-1/sqrt(512) by the sign of a hash: unit-norm with no per-row aggregate (Spark would inline a
+    # norm column into the per-element lambda and compute it 512 times a row)
+    unit = F.expr("transform(sequence(0, 511), i -> CAST(IF(hash(image_id, i) % 2 = 0, 1, -1) / sqrt(512D) AS float))")
+    rows = (rows.withColumn("embedding", unit).withColumn("model_sha256", F.lit(sha))
+            .withColumn("model_name", F.lit("bench")))
     ensure_predictions(spark, str(work / "predictions"))
     rows.write.format("delta").mode("append").save(str(work / "predictions"))
 

@@ -213,7 +213,8 @@ class ClassHead:
             raise ValueError(f"embeddings must be [N, {self.embed_dim}], got {list(image_emb.shape)}")
         bias = None if self.bias is None else torch.tensor(self.bias, dtype=torch.float32)
         with torch.inference_mode():
-            probs = tempered_probs(torch.from_numpy(np.ascontiguousarray(image_emb, dtype=np.float32)),
+            # Arrow hands over read-only buffers, which torch refuses to wrap: "W" copies those
+            probs = tempered_probs(torch.from_numpy(np.require(image_emb, np.float32, ["C", "W"])),
                                    torch.from_numpy(self.class_emb), torch.tensor(self.log_scale, dtype=torch.float32),
                                    bias)
         return probs.numpy()
