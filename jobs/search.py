@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(cfg):
         from mumic_batch.pipeline import search
-        from mumic_batch.pipeline.query import format_rows
+        from mumic_batch.sql.statements import format_rows
 
         rows = search.query(cfg, args.text, args.image_id, args.k or cfg.search.top_k)
         if args.out:
