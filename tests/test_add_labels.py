@@ -100,6 +100,7 @@ def test_added_classes_equal_tagging_with_them(spark, capsys, tmp_path, tagged_s
     assert (run["job"], run["outcome"], run["processed"], run["input_rows"]) == ("add_labels", "succeeded", 11, 12)
     assert run["status_counts"] == {"ok": 11, "not_found": 1} and run["images_per_s"] > 0
     assert set(run["stage_seconds"]) == {"text", "score", "write"}
+    assert not Path(f"{partial}__staging").exists()  # its staging data and the empty root are gone
 
 
 @pytest.mark.spark

@@ -19,7 +19,7 @@ from mumic_batch.config import JobCfg, ZeroShotClassCfg, to_dict
 from mumic_batch.pipeline.runs import RunRecord, recorded
 from mumic_batch.pipeline.stored import stored_rows
 from mumic_batch.spark.rescore import with_class_scores
-from mumic_batch.tables.io import delete_path, merge_zero_shot
+from mumic_batch.tables.io import delete_if_empty, delete_path, merge_zero_shot, staging_root
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,12 @@ def _add(spark: SparkSession, cfg: JobCfg, record: RunRecord) -> dict:
     record.status_counts, record.input_rows, record.processed = stored.status_counts, stored.total, stored.ok
     log.info("run %s: scoring %s into %d ok rows of %s (table version %d)", record.run_id, list(head.names),
              stored.ok, manifest.version, stored.table_version)
-    staging = f"{path.rstrip('/')}__staging/{record.run_id}"
+    staging = f"{staging_root(path)}/{record.run_id}"
     try:
         metrics = _score_and_merge(spark, stored.rows, head, f"{staging}/zero_shot", path, record)
     finally:
         delete_path(spark, staging)
+        delete_if_empty(spark, staging_root(path))
     updated = int(metrics.get("numTargetRowsUpdated", 0))
     record.message = (f"added {', '.join(head.names)} to {stored.ok} ok rows of {manifest.version}; "
                       f"{stored.total - updated} rows re-tagged since table version {stored.table_version} "

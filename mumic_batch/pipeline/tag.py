@@ -27,6 +27,7 @@ from mumic_batch.tables.io import (
     append_predictions,
     delete_if_empty,
     delete_path,
+    staging_root,
     ensure_predictions,
     list_dir,
     merge_predictions,
@@ -114,11 +115,6 @@ class Chunk:
     todo: DataFrame
     rows: int
     prior: int
-
-
-def staging_root(predictions: str) -> str:
-    """Where runs stage their worklists and scored chunks (one directory per run id)."""
-    return f"{predictions.rstrip('/')}__staging"
 
 
 def _remove_stale_staging(spark: SparkSession, predictions: str, root: str, run_id: str) -> None:

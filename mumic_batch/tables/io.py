@@ -220,6 +220,11 @@ def delete_path(spark: SparkSession, path: str) -> None:
     fs.delete(hpath, True)
 
 
+def staging_root(predictions: str) -> str:
+    """Where runs stage their intermediate tables beside predictions (one directory per run id)."""
+    return f"{predictions.rstrip('/')}__staging"
+
+
 def delete_if_empty(spark: SparkSession, path: str) -> None:
     """Delete a directory that holds nothing (a no-op when absent or not empty)."""
     fs, hpath = _filesystem(spark, path)
