@@ -35,6 +35,7 @@ import platform
 import shutil
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,11 @@ log = logging.getLogger("bench.scale")
 
 V1, V2 = "bench-v1", "bench-v2"
 EMBED_DIM = 512
+# Distinct embedding vectors: rows pick one by a hash of their id. Computing 512 floats per row in
+# Spark SQL made a 10^7-row build take hours; a 4,096-vector pool keeps the bytes (float columns this
+# random get no dictionary encoding) at a fraction of the CPU.
+EMBEDDING_POOL = 4096
+FILE_ROWS = 250_000  # about 550 MB per file, 40 files at 10^7 rows
 STAMP = "2024-01-01 00:00:00"
 
 
@@ -87,10 +93,62 @@ def build_base(spark, root: Path, n: int, images: list[str], classes: list[str])
     catalogue = catalogue_rows(spark, 0, n, images)
     catalogue.write.format("delta").option("delta.enableChangeDataFeed", "true").save(str(root / "catalogue"))
     retry.ensure_retry(spark, str(root / "predictions"))  # empty: created before the table it follows
-    ensure_predictions(spark, str(root / "predictions"))
-    predictions(spark, catalogue, classes, V1).write.format("delta").mode("append").save(str(root / "predictions"))
+    write_predictions(root / "predictions", n, images, classes)
+    ensure_predictions(spark, str(root / "predictions"))  # sets the predictions table's properties
     (root / "done").write_text(json.dumps({"rows": n, "seconds": time.perf_counter() - started}))
     log.info("built N=%d in %.0f s", n, time.perf_counter() - started)
+
+
+def write_predictions(path: Path, n: int, images: list[str], classes: list[str]) -> None:
+    """A Delta table of one `ok` prediction per catalogue row (the ids of catalogue_rows), written by delta-rs.
+
+    Spark's Parquet writer spends about a microsecond per array element, so writing 512-d embeddings
+    for 10^7 rows through it takes hours on 2 cores; delta-rs writes the same bytes (with file
+    statistics) in minutes. Delta 4.0's CONVERT TO DELTA fails on Spark 4.0.1 (NoSuchMethodError).
+    """
+    import hashlib
+
+    import numpy as np
+    import pyarrow as pa
+    from deltalake import write_deltalake
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    from mumic_batch.tables.schemas import PREDICTIONS, PREDICTIONS_PARTITION
+
+    schema = to_arrow_schema(PREDICTIONS)
+    rng = np.random.default_rng(0)
+    pool = rng.uniform(-1, 1, (EMBEDDING_POOL, EMBED_DIM)).astype(np.float32)
+    for start in range(0, n, FILE_ROWS):
+        ids = [hashlib.sha1(str(i).encode()).hexdigest()[:16] for i in range(start, min(n, start + FILE_ROWS))]
+        rows = len(ids)
+        probs = rng.integers(0, 1000, (rows, len(classes))).astype(np.float32) / 1000
+        embedding = pool[rng.integers(0, EMBEDDING_POOL, rows)].ravel()
+        columns = {
+            "image_id": ids, "uri": [images[i % len(images)] for i in range(start, start + rows)],
+            "source_updated_at": _stamps(rows), "status": pa.array(["ok"] * rows), "error": pa.nulls(rows, pa.string()),
+            "probs": pa.MapArray.from_arrays(np.arange(rows + 1, dtype=np.int32) * len(classes),
+                                             pa.array(classes * rows), pa.array(probs.ravel())),
+            "labels": pa.array([classes[:3]] * rows),
+            "zero_shot_probs": pa.MapArray.from_arrays(np.zeros(rows + 1, dtype=np.int32), pa.array([], pa.string()),
+                                                       pa.array([], pa.float32())),
+            "zero_shot_labels": pa.array([[]] * rows, pa.list_(pa.string())),
+            "embedding": pa.ListArray.from_arrays(np.arange(rows + 1, dtype=np.int32) * EMBED_DIM, embedding),
+            "content_sha256": [hashlib.sha256(i.encode()).hexdigest() for i in ids],
+            "width": np.full(rows, 640, np.int32), "height": np.full(rows, 480, np.int32),
+            "model_name": ["bench"] * rows, PREDICTIONS_PARTITION: [V1] * rows, "model_sha256": ["0" * 64] * rows,
+            "attempts": np.ones(rows, np.int32), "run_id": ["bench-build"] * rows, "tagged_at": _stamps(rows),
+        }
+        table = pa.Table.from_arrays([pa.array(columns[f.name], f.type) if not isinstance(columns[f.name], pa.Array)
+                                      else columns[f.name].cast(f.type) for f in schema], schema=schema)
+        write_deltalake(str(path), table, mode="append", partition_by=[PREDICTIONS_PARTITION])
+        log.info("wrote prediction rows %d..%d of %d", start, start + rows, n)
+
+
+def _stamps(rows: int):
+    import pyarrow as pa
+
+    return pa.array([datetime.fromisoformat(STAMP).replace(tzinfo=timezone.utc)] * rows,
+                    pa.timestamp("us", tz="UTC"))
 
 
 def catalogue_rows(spark, start: int, n: int, images: list[str]):
@@ -106,7 +164,13 @@ def predictions(spark, catalogue, classes: list[str], version: str, status: str 
     """Prediction rows for the catalogue rows, with the PREDICTIONS schema and realistic sizes."""
     from mumic_batch.tables.schemas import PREDICTIONS
 
+    from pyspark.sql import functions as F
+
     names = "array(" + ", ".join(f"'{c}'" for c in classes) + ")"
+    pool = spark.range(EMBEDDING_POOL).selectExpr(
+        "id AS slot", f"transform(sequence(0, {EMBED_DIM - 1}), i -> CAST(hash(id, i) / 2147483648.0 AS float)) AS embedding")
+    catalogue = (catalogue.withColumn("slot", F.expr(f"pmod(hash(image_id), {EMBEDDING_POOL})"))
+                 .join(F.broadcast(pool), "slot"))
     df = catalogue.selectExpr(
         "image_id", "uri", "updated_at AS source_updated_at", f"'{status}' AS status", "CAST(NULL AS string) AS error",
         f"map_from_arrays({names}, transform({names}, c -> CAST(abs(hash(image_id, c)) % 1000 / 1000.0 AS float)))"
@@ -114,7 +178,7 @@ def predictions(spark, catalogue, classes: list[str], version: str, status: str 
         f"slice({names}, 1, 3) AS labels",
         "map_from_arrays(CAST(array() AS array<string>), CAST(array() AS array<float>)) AS zero_shot_probs",
         "CAST(array() AS array<string>) AS zero_shot_labels",
-        f"transform(sequence(0, {EMBED_DIM - 1}), i -> CAST(hash(image_id, i) / 2147483648.0 AS float)) AS embedding",
+        "embedding",
         "sha2(image_id, 256) AS content_sha256", "640 AS width", "480 AS height",
         "'bench' AS model_name", f"'{version}' AS model_version", "repeat('0', 64) AS model_sha256",
         "1 AS attempts", "'bench-build' AS run_id", f"timestamp'{STAMP}' AS tagged_at",
@@ -127,7 +191,14 @@ def copy_base(spark, base: Path, work: Path, recorded: bool = True) -> Path:
     from mumic_batch.pipeline.runs import RunRecord, write_run
 
     shutil.rmtree(work, ignore_errors=True)
-    shutil.copytree(base, work)
+    # The two big tables are shallow clones (their files stay in `base`): a 10^7-row predictions
+    # table is ~22 GB, and a full copy per scenario would cost more disk and time than the night.
+    work.mkdir(parents=True)
+    for entry in base.iterdir():
+        if entry.name in ("catalogue", "predictions"):
+            spark.sql(f"CREATE TABLE delta.`{work / entry.name}` SHALLOW CLONE delta.`{entry}`")
+        elif entry.is_dir():
+            shutil.copytree(entry, work / entry.name)
     if recorded:
         record = RunRecord("tag_images", {}, model_version=V1, source=str(work / "catalogue"), source_version=0)
         write_run(spark, record, str(work / "runs"), "succeeded")

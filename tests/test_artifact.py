@@ -22,7 +22,7 @@ from mumic_batch.model.artifact import (
     read_manifest,
     save_artifact,
 )
-from mumic_batch.model.backbone import TINY_ARCH
+from mumic_batch.model.backbone import TINY_ARCH, skip_init
 from mumic_batch.model.mumic import build_mumic
 from mumic_batch.model.predictor import Predictor, merge_classes
 from tests.fixtures.models import (
@@ -59,6 +59,16 @@ def test_round_trip_gives_identical_predictions(tiny_artifact: Path, tmp_path: P
     assert torch.equal(got, expected) and torch.equal(got_emb, expected_emb)
     again = save_artifact(tmp_path / "again", loaded, name=TINY_NAME, version="v2", classes=manifest.classes)
     assert again.weights_sha256 == manifest.weights_sha256  # safetensors output is deterministic
+
+
+def test_skip_init_only_lasts_for_its_block_even_when_it_raises() -> None:
+    weights = torch.zeros(4)
+    with pytest.raises(RuntimeError), skip_init():
+        torch.nn.init.normal_(weights)
+        assert torch.equal(weights, torch.zeros(4))  # the loader overwrites every parameter next
+        raise RuntimeError("a failed build")
+    torch.nn.init.normal_(weights)
+    assert not torch.equal(weights, torch.zeros(4))
 
 
 def test_manifest_records_everything_needed_to_rebuild_and_trace(tiny_artifact: Path) -> None:

@@ -320,7 +320,7 @@ def load_artifact(
     artifact_dir = localize_dir(str(path_or_uri), cache_dir=cache_dir)
     manifest = read_manifest(artifact_dir)
     state_dict = _read_verified_weights(artifact_dir, manifest)
-    model = build_mumic(manifest.architecture, init_bias=None if manifest.bias is None else 0.0)
+    model = build_mumic(manifest.architecture, init_bias=None if manifest.bias is None else 0.0, initialise=False)
     try:
         check_state_dict(model, state_dict, str(artifact_dir / manifest.weights_file))
     except WeightsError as exc:

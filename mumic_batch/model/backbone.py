@@ -6,6 +6,7 @@ local files (safetensors, or a torch checkpoint read with the weights-only unpic
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -96,6 +97,28 @@ def _require_hf_offline(what: str) -> None:
             f"{what} needs the Hugging Face hub; set HF_HUB_OFFLINE=1 with a pre-populated HF cache "
             "(this pipeline never downloads)"
         )
+
+
+# torch.nn.init's in-place initialisers; skip_init() turns them into no-ops.
+_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "orthogonal_",
+                 "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+@contextlib.contextmanager
+def skip_init():
+    """Build modules without drawing their random initial weights (0.9 s for a ViT-B-32 on one core).
+
+    Only for a model whose every parameter and persistent buffer is then loaded from a state dict
+    with strict=True: the skipped parameters hold whatever memory torch.empty gave them.
+    """
+    saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS}
+    try:
+        for name in _INITIALISERS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
 
 
 def build_backbone(arch: Architecture) -> Backbone:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import nullcontext
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +22,7 @@ from mumic_batch.model.backbone import (
     build_tokenizer,
     load_clip_weights,
     resolve_architecture,
+    skip_init,
 )
 
 log = logging.getLogger(__name__)
@@ -113,9 +115,13 @@ def build_mumic(
     clip_weights: str | os.PathLike[str] | None = None,
     init_bias: float | None = None,
     seed: int | None = None,
+    initialise: bool = True,
 ) -> MuMIC:
-    """Build a MuMIC model: seeded random init (global RNG untouched), then CLIP weights (local path or s3://) if given."""
-    with torch.random.fork_rng(devices=[]):
+    """Build a MuMIC model: seeded random init (global RNG untouched), then CLIP weights (local path or s3://) if given.
+
+    `initialise=False` skips the random init: the caller loads a complete state dict (strict) next.
+    """
+    with torch.random.fork_rng(devices=[]), (skip_init() if clip_weights or not initialise else nullcontext()):
         if seed is not None:
             torch.manual_seed(seed)
         backbone = build_backbone(arch)
