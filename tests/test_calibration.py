@@ -151,13 +151,14 @@ def test_evaluation_reports_the_uncalibrated_numbers_only_for_a_scaled_model(sca
     scaled, plain = scaled_and_plain
     probs, emb = scaled.predict(random_pixels(10, seed=8))
     y = np.random.default_rng(9).random(probs.shape) < 0.3
-    numbers = uncalibrated(scaled, y, emb)
-    assert set(numbers) == {"gap_uncalibrated", "ece_uncalibrated"}
+    numbers = uncalibrated(scaled, y, emb, 2)
+    assert set(numbers) == {"gap_uncalibrated", "gap_at_2_uncalibrated", "ece_uncalibrated"}
     from mumic_batch.core import metrics
 
     plain_probs, _ = plain.predict(random_pixels(10, seed=8))
     assert numbers["ece_uncalibrated"] == pytest.approx(metrics.expected_calibration_error(y, plain_probs), abs=1e-6)
-    assert uncalibrated(plain, y, emb) == {}
+    assert numbers["gap_at_2_uncalibrated"] == pytest.approx(metrics.gap_at_k(y, plain_probs, 2), abs=1e-6)
+    assert uncalibrated(plain, y, emb, 2) == {}
 
 
 def test_thresholds_are_chosen_on_the_calibrated_validation_probabilities() -> None:

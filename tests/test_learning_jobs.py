@@ -221,6 +221,7 @@ def test_platt_calibration_through_train_and_evaluate(workspace, jobs_ran, spark
     before = jobs_ran["evaluate"]["overall"]
     assert overall["ece_uncalibrated"] == pytest.approx(before["ece"], abs=1e-5)
     assert overall["gap_uncalibrated"] == pytest.approx(before["gap"], abs=1e-5)
+    assert overall["gap_at_10_uncalibrated"] == pytest.approx(before["gap_at_10"], abs=1e-5)
     assert overall["map"] == pytest.approx(before["map"], abs=1e-5)  # a monotone scaling keeps every class's AP
     rows = spark.read.format("delta").load(str(workspace / "metrics-platt")).where("class IS NULL").collect()
     assert {"ece", "ece_uncalibrated", "gap_uncalibrated"} <= {r["metric"] for r in rows}

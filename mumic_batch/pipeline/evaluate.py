@@ -71,7 +71,7 @@ def _evaluate(spark: SparkSession, cfg: JobCfg, record: RunRecord) -> dict:
     overall, per_class = evaluate_scores(y, scores[good], classes, len(predictor.manifest.classes),
                                          ev.gap_k, ev.map_classes, ev.majority)
     n_own = len(predictor.manifest.classes)
-    overall.update(uncalibrated(predictor, y[:, :n_own], embeddings[good]))
+    overall.update(uncalibrated(predictor, y[:, :n_own], embeddings[good], ev.gap_k))
     overall.update(metrics.retrieval(y[:, :n_own], embeddings[good]))
     extra = _confusion_section(y[:, :n_own], scores[good][:, :n_own], classes[:n_own])
     if ev.previous:
@@ -137,8 +137,8 @@ def evaluate_scores(y: np.ndarray, scores: np.ndarray, classes: Sequence[ClassEn
     return overall, per_class
 
 
-def uncalibrated(predictor: Predictor, y_own: np.ndarray, embeddings: np.ndarray) -> dict[str, float]:
-    """GAP and ECE of the model's own classes without their Platt scaling; nothing when none is scaled.
+def uncalibrated(predictor: Predictor, y_own: np.ndarray, embeddings: np.ndarray, k: int) -> dict[str, float]:
+    """GAP, GAP@k and ECE of the model's own classes without their Platt scaling; nothing when none is scaled.
 
     The probabilities come from the stored-embedding path (the ClassHead add_labels uses) with the scaling
     left out, so they are the uncalibrated model's on the same images.
@@ -148,6 +148,7 @@ def uncalibrated(predictor: Predictor, y_own: np.ndarray, embeddings: np.ndarray
         return {}
     raw = predictor.class_head([c.name for c in own]).probs(embeddings.astype(np.float32), calibrated=False)
     return {"gap_uncalibrated": metrics.gap_at_k(y_own, raw),
+            f"gap_at_{k}_uncalibrated": metrics.gap_at_k(y_own, raw, k),
             "ece_uncalibrated": metrics.expected_calibration_error(y_own, raw)}
 
 
@@ -255,8 +256,8 @@ def _report(cfg: JobCfg, predictor: Predictor, dataset: str, version: int | None
              "classes, scored from their prompts only; compare each one's AP with its prevalence (chance)."]
     if "ece_uncalibrated" in overall:
         notes.append("Probabilities, thresholds and ece are after the model's per-class Platt scaling "
-                     "(train.calibration, platt_a/platt_b in the manifest); gap_uncalibrated and ece_uncalibrated "
-                     "are the same images and classes without it.")
+                     "(train.calibration, platt_a/platt_b in the manifest); the *_uncalibrated numbers are the "
+                     "same images and classes without it.")
     history = predictor.manifest.metrics.get("history")
     if history:
         out.mkdir(parents=True, exist_ok=True)

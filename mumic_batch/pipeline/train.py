@@ -102,7 +102,8 @@ def _train(spark, cfg: JobCfg, record: RunRecord) -> dict:
                      rows=int(train.pixels.shape[0]), val_rows=int(val.pixels.shape[0]),
                      label_column=tc.label_column, base=base_ref)
     fit_metrics = {"val": val_metrics, **_fit_summary(result), "wise_alpha": tc.wise_alpha,
-                   "calibration": tc.calibration, "zero_shot": {e.name: e.to_dict() for e in zero_shot}, "history": _history(result)}
+                   "calibration": tc.calibration, "zero_shot": {e.name: e.to_dict() for e in zero_shot},
+                   "history": _history(result)}
     manifest = save_artifact(out, clf.model, name=tc.name, version=version, classes=entries, training_data=ref,
                              metrics=fit_metrics, overwrite=tc.overwrite)
     return {"job": JOB, "run_id": record.run_id, "model": out, "name": manifest.name, "version": manifest.version,
