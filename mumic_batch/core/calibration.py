@@ -29,9 +29,6 @@ class Platt:
     note: str
 
 
-IDENTITY = Platt(1.0, 0.0, False, "no calibration")
-
-
 def sigmoid(z: np.ndarray) -> np.ndarray:
     """Numerically stable logistic function in float64."""
     z = np.asarray(z, dtype=np.float64)
