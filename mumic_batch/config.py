@@ -332,7 +332,7 @@ class TrainCfg:
     threshold_bootstrap: int = 200  # validation resamples behind each threshold and its expected precision/recall
     threshold_shrinkage: float = 10.0  # pseudo-positives pulling a class's threshold towards the global one (0: none)
     threshold_ci: float = 0.9  # coverage of the expected precision/recall intervals in the manifest
-    calibration: str = "none"  # none | platt: per-class Platt scaling fitted on the validation split; thresholds on the calibrated probabilities
+    calibration: str = "platt"  # platt | none: per-class Platt scaling fitted on the validation split; thresholds on the calibrated probabilities
     calibration_min_support: int = 10  # platt: a class with fewer validation positives or negatives keeps the identity
     preserve: float = 0.0  # feature preservation: weight of the mean squared distance to the base's image embeddings
     wise_alpha: float = 1.0  # WiSE-FT: saved towers = (1 - a) * base + a * fine-tuned; < 1 keeps more zero-shot ability

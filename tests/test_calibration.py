@@ -185,7 +185,8 @@ def test_thresholds_are_chosen_on_the_calibrated_validation_probabilities() -> N
     assert [(e.platt_a, e.platt_b) for e in entries] == [(p.a, p.b) for p in platts]
     assert all(e.calibrated and e.calibration.startswith("platt") for e in entries)
     # train.calibration=none: the probabilities as they were, no scaling anywhere
-    plain, none = validation_scores(clf, pixels, y, TrainCfg(), torch.device("cpu"))
+    off = TrainCfg(calibration="none", threshold_bootstrap=20)
+    plain, none = validation_scores(clf, pixels, y, off, torch.device("cpu"))
     assert none is None
     np.testing.assert_allclose(plain, sigmoid(logits), rtol=0, atol=1e-6)
-    assert not any(e.calibrated for e in class_entries(classes, y, plain, TrainCfg(threshold_bootstrap=20)))
+    assert not any(e.calibrated for e in class_entries(classes, y, plain, off))

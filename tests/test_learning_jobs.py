@@ -79,7 +79,12 @@ def test_trained_artifact_manifest_carries_classes_thresholds_metrics_and_data(w
     assert data["delta_version"] == 0 and data["split"] == "train" and data["val_split"] == "val"
     assert data["seed"] == TRAIN_SEED and data["rows"] == jobs_ran["train"]["train_rows"] == 84
     assert data["base"]["artifact"] == str(workspace / "base")
-    assert set(manifest.metrics["val"]) == {"gap", "gap_at_10", "map", "assigned_classes"}
+    # train.calibration=platt by default, but 18 validation images cannot give a class 10 positives and
+    # 10 negatives: every class keeps the identity and says so
+    assert set(manifest.metrics["val"]) == {"gap", "gap_at_10", "map", "assigned_classes", "ece", "ece_uncalibrated",
+                                            "gap_uncalibrated", "calibrated_classes"}
+    assert manifest.metrics["val"]["calibrated_classes"] == 0
+    assert all(not c.calibrated and "fewer than 10" in c.calibration for c in manifest.classes)
     assert 0.0 < manifest.metrics["val"]["gap"] <= 1.0 and manifest.metrics["epochs_run"] == 3
     assert manifest.metrics["wise_alpha"] == 0.5
     # The thresholds are chosen (core.thresholds) on the validation scores of the saved (here
