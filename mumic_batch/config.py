@@ -254,6 +254,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 TOWERS = ("image", "text", "both", "none")
 LOSSES = ("tempered", "focal", "asl")
+CALIBRATIONS = ("none", "platt")
 
 
 @dataclass(frozen=True)
@@ -331,6 +332,8 @@ class TrainCfg:
     threshold_bootstrap: int = 200  # validation resamples behind each threshold and its expected precision/recall
     threshold_shrinkage: float = 10.0  # pseudo-positives pulling a class's threshold towards the global one (0: none)
     threshold_ci: float = 0.9  # coverage of the expected precision/recall intervals in the manifest
+    calibration: str = "platt"  # platt | none: per-class Platt scaling fitted on the validation split; thresholds on the calibrated probabilities
+    calibration_min_support: int = 10  # platt: a class with fewer validation positives or negatives keeps the identity
     preserve: float = 0.0  # feature preservation: weight of the mean squared distance to the base's image embeddings
     wise_alpha: float = 1.0  # WiSE-FT: saved towers = (1 - a) * base + a * fine-tuned; < 1 keeps more zero-shot ability
     seed: int = 0  # seed of the batch order and the augmentation
@@ -353,6 +356,8 @@ class TrainCfg:
                  "and train.threshold_bootstrap must be >= 1")
         _require(self.threshold_shrinkage >= 0, "train.threshold_shrinkage", "must be >= 0")
         _require(0.0 < self.threshold_ci < 1.0, "train.threshold_ci", "must be in (0, 1)")
+        _require(self.calibration in CALIBRATIONS, "train.calibration", f"must be one of {CALIBRATIONS}")
+        _require(self.calibration_min_support >= 1, "train.calibration_min_support", "must be >= 1")
         _require(0.0 <= self.wise_alpha <= 1.0, "train.wise_alpha", "must be in [0, 1]")
         _require(self.preserve >= 0 and self.image_groups >= 0, "train.preserve", "and train.image_groups must be >= 0")
         _require(not self.clip_weights or bool(self.architecture), "train.architecture",

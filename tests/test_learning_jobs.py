@@ -79,7 +79,12 @@ def test_trained_artifact_manifest_carries_classes_thresholds_metrics_and_data(w
     assert data["delta_version"] == 0 and data["split"] == "train" and data["val_split"] == "val"
     assert data["seed"] == TRAIN_SEED and data["rows"] == jobs_ran["train"]["train_rows"] == 84
     assert data["base"]["artifact"] == str(workspace / "base")
-    assert set(manifest.metrics["val"]) == {"gap", "gap_at_10", "map", "assigned_classes"}
+    # train.calibration=platt by default, but 18 validation images cannot give a class 10 positives and
+    # 10 negatives: every class keeps the identity and says so
+    assert set(manifest.metrics["val"]) == {"gap", "gap_at_10", "map", "assigned_classes", "ece", "ece_uncalibrated",
+                                            "gap_uncalibrated", "calibrated_classes"}
+    assert manifest.metrics["val"]["calibrated_classes"] == 0
+    assert all(not c.calibrated and "fewer than 10" in c.calibration for c in manifest.classes)
     assert 0.0 < manifest.metrics["val"]["gap"] <= 1.0 and manifest.metrics["epochs_run"] == 3
     assert manifest.metrics["wise_alpha"] == 0.5
     # The thresholds are chosen (core.thresholds) on the validation scores of the saved (here
@@ -178,3 +183,51 @@ def test_evaluate_scores_keeps_zero_shot_extras_out_of_the_headline_numbers() ->
     assert overall["zero_shot_map"] == pytest.approx(metrics.average_precision(y[:, 3], scores[:, 3]))
     assert [r.name for r in per_class] == ["a", "b", "c", "z"] and per_class[3].zero_shot
     assert per_class[0].support == int(y[:, 0].sum()) and not math.isnan(per_class[0].auc)
+
+
+def _run(main, args: list[str]) -> dict:
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = main(args)
+    summary = json.loads(buffer.getvalue().strip().splitlines()[-1])
+    assert code == 0, summary
+    return summary
+
+
+def test_platt_calibration_through_train_and_evaluate(workspace, jobs_ran, spark) -> None:
+    """train.calibration=platt on t1's weights (its finished checkpoint: calibration is not in the fingerprint)."""
+    out = workspace / "tuned-platt"
+    args = _args(workspace) + [
+        "--set", f"model.artifact={out}", "--set", "train.version=t1-platt", "--set", "train.calibration=platt",
+        "--set", "train.calibration_min_support=3", "--set", f"train.checkpoint_dir={workspace / 'tuned.ckpt'}",
+        "--set", f"tables.runs={workspace / 'runs-platt'}", "--set", f"tables.metrics={workspace / 'metrics-platt'}",
+        "--set", f"evaluate.report_dir={workspace / 'reports-platt'}"]
+    _run(train_job.main, args)
+    manifest, plain = read_manifest(out), read_manifest(workspace / "tuned")
+    assert manifest.weights_sha256 == plain.weights_sha256  # calibration changes no weight
+    assert manifest.metrics["calibration"] == "platt"
+    val = manifest.metrics["val"]
+    assert val["gap_uncalibrated"] == pytest.approx(plain.metrics["val"]["gap"], abs=1e-5)
+    assert {"ece", "ece_uncalibrated"} <= set(val) and val["calibrated_classes"] >= 1
+    scaled = [c for c in manifest.classes if c.calibrated]
+    assert len(scaled) == val["calibrated_classes"] and all(c.calibration.startswith("platt") for c in scaled)
+    assert all("identity" in c.calibration for c in manifest.classes if not c.calibrated)
+    # The thresholds are chosen on the calibrated probabilities: the ones the artifact's Predictor stores.
+    labels = spark.read.format("delta").load(str(workspace / "sample" / "labels")).where("split = 'val'")
+    labels = labels.orderBy("image_id").toPandas()
+    predictor = Predictor.load(str(out), device="cpu")
+    loaded = load_pixels(list(labels["uri"]), predictor.spec, FetchCfg(allowed_schemes=("file",)), DecodeCfg())
+    probs, _ = predictor.predict(loaded.pixels)
+    y = np.array([[c.name in row for c in manifest.classes] for row in labels["labels"]])
+    recomputed = choose_thresholds(y, probs, 0.8, seed=TRAIN_SEED)
+    np.testing.assert_allclose([c.threshold for c in manifest.classes], [t.threshold for t in recomputed], atol=1e-4)
+    # Evaluation: ece on the calibrated probabilities, and the uncalibrated numbers equal t1's on the same images.
+    overall = _run(evaluate_job.main, args)["overall"]
+    before = jobs_ran["evaluate"]["overall"]
+    assert overall["ece_uncalibrated"] == pytest.approx(before["ece"], abs=1e-5)
+    assert overall["gap_uncalibrated"] == pytest.approx(before["gap"], abs=1e-5)
+    assert overall["gap_at_10_uncalibrated"] == pytest.approx(before["gap_at_10"], abs=1e-5)
+    assert overall["map"] == pytest.approx(before["map"], abs=1e-5)  # a monotone scaling keeps every class's AP
+    rows = spark.read.format("delta").load(str(workspace / "metrics-platt")).where("class IS NULL").collect()
+    assert {"ece", "ece_uncalibrated", "gap_uncalibrated"} <= {r["metric"] for r in rows}
+    assert "ece_uncalibrated" in (workspace / "reports-platt" / "t1-platt-test" / "report.md").read_text()

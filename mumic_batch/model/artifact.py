@@ -66,12 +66,26 @@ class ClassEntry:
     expected_recall: float | None = None  # bootstrap median of the validation recall at the threshold
     recall_low: float | None = None
     recall_high: float | None = None
+    # Calibration (train.calibration; absent in older manifests: the identity). Every stored probability
+    # is sigmoid(platt_a * logit + platt_b), and the threshold above is on that calibrated probability.
+    platt_a: float = 1.0
+    platt_b: float = 0.0
+    calibration: str = ""  # how platt_a and platt_b were fitted, or why the class kept the identity
 
     def __post_init__(self) -> None:
         if not self.name or not self.prompt:
             raise ValueError(f"class needs a non-empty name and prompt: {self!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"class {self.name!r}: threshold {self.threshold} outside [0, 1]")
+        # a <= 0 would reverse the class's ranking; NaN or inf would poison every probability
+        if not (math.isfinite(self.platt_a) and self.platt_a > 0 and math.isfinite(self.platt_b)):
+            raise ValueError(f"class {self.name!r}: calibration platt_a={self.platt_a}, platt_b={self.platt_b} "
+                             "needs a finite platt_a > 0 and a finite platt_b")
+
+    @property
+    def calibrated(self) -> bool:
+        """True when the class's probabilities are scaled (not the identity)."""
+        return (self.platt_a, self.platt_b) != (1.0, 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; validation fields still at their defaults are left out, as older manifests have them."""

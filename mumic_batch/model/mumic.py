@@ -85,10 +85,6 @@ class MuMIC(nn.Module):
         """Tempered logits exp(log_scale) * cos + bias, [N, C]; inputs must already be unit-norm."""
         return tempered_logits(image_emb, class_emb, self.log_scale, self.bias)
 
-    def probs(self, image_emb: Tensor, class_emb: Tensor) -> Tensor:
-        """Class probabilities sigmoid(logits), [N, C]: what tagging stores."""
-        return tempered_probs(image_emb, class_emb, self.log_scale, self.bias)
-
     def forward(self, pixels: Tensor, class_emb: Tensor) -> tuple[Tensor, Tensor]:
         """Return (logits [N, C], image embeddings [N, D]); probabilities are sigmoid(logits).
 
@@ -105,9 +101,17 @@ def tempered_logits(image_emb: Tensor, class_emb: Tensor, log_scale: Tensor, bia
     return logits if bias is None else logits + bias
 
 
-def tempered_probs(image_emb: Tensor, class_emb: Tensor, log_scale: Tensor, bias: Tensor | None) -> Tensor:
-    """The tempered sigmoid: the probabilities tagging stores, and add_labels computes from stored embeddings."""
-    return torch.sigmoid(tempered_logits(image_emb, class_emb, log_scale, bias))
+def tempered_probs(image_emb: Tensor, class_emb: Tensor, log_scale: Tensor, bias: Tensor | None,
+                   platt: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """The tempered sigmoid: the probabilities tagging stores, and add_labels computes from stored embeddings.
+
+    `platt` is the per-class calibration (a [C], b [C]) of the manifest's classes: sigmoid(a * logit + b).
+    Every path from logits to stored probabilities comes through here, so all of them apply the same one.
+    """
+    logits = tempered_logits(image_emb, class_emb, log_scale, bias)
+    if platt is not None:
+        logits = logits * platt[0] + platt[1]
+    return torch.sigmoid(logits)
 
 
 def build_mumic(

@@ -66,6 +66,8 @@ class Predictor:
         with torch.inference_mode(), self._autocast():
             # prompts never change during a run: embed them once, in fp32 after normalisation
             self.class_emb = model.encode_prompts([c.prompt for c in classes]).float()
+        a, b = platt_arrays(classes)
+        self._platt = None if a is None else (torch.from_numpy(a).to(device), torch.from_numpy(b).to(device))
 
     @classmethod
     def load(
@@ -152,7 +154,7 @@ class Predictor:
     def _scores(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast():
             image_emb = self._encode(batch)
-            probs = self.model.probs(image_emb, self.class_emb)
+            probs = tempered_probs(image_emb, self.class_emb, self.model.log_scale, self.model.bias, self._platt)
         return probs.float(), image_emb.float()
 
     def _check_shape(self, batch: torch.Tensor) -> None:
@@ -174,12 +176,15 @@ class Predictor:
             raise ValueError(f"classes {missing} are not among the predictor's classes {list(index)}")
         rows = [index[n] for n in names]
         bias = self.model.bias
+        platt_a, platt_b = platt_arrays([self.classes[i] for i in rows])
         return ClassHead(
             names=tuple(names),
             thresholds=self.thresholds[rows],
             class_emb=self.class_emb[rows].cpu().numpy(),
             log_scale=float(self.model.log_scale.detach().cpu()),
             bias=None if bias is None else float(bias.detach().cpu()),
+            platt_a=platt_a,
+            platt_b=platt_b,
         )
 
     def with_zero_shot(self, zero_shot: Sequence[ClassLike]) -> Predictor:
@@ -202,19 +207,38 @@ class ClassHead:
     class_emb: np.ndarray  # [C, D] float32, unit-norm prompt embeddings
     log_scale: float  # float32 value of the model's log temperature
     bias: float | None  # float32 value of the model's logit bias, None for a model without one
+    platt_a: np.ndarray | None = None  # [C] float32 per-class calibration slope, None: no class is calibrated
+    platt_b: np.ndarray | None = None  # [C] float32 per-class calibration shift
 
     @property
     def embed_dim(self) -> int:
         return int(self.class_emb.shape[1])
 
-    def probs(self, image_emb: np.ndarray) -> np.ndarray:
-        """[N, D] float32 unit-norm image embeddings -> [N, C] float32 probabilities."""
+    def probs(self, image_emb: np.ndarray, calibrated: bool = True) -> np.ndarray:
+        """[N, D] float32 unit-norm image embeddings -> [N, C] float32 probabilities.
+
+        calibrated=False leaves the classes' Platt scaling out: evaluation's uncalibrated ECE.
+        """
         if image_emb.ndim != 2 or image_emb.shape[1] != self.embed_dim:
             raise ValueError(f"embeddings must be [N, {self.embed_dim}], got {list(image_emb.shape)}")
         bias = None if self.bias is None else torch.tensor(self.bias, dtype=torch.float32)
+        platt = None
+        if calibrated and self.platt_a is not None:
+            platt = (torch.from_numpy(self.platt_a), torch.from_numpy(self.platt_b))
         with torch.inference_mode():
             # Arrow hands over read-only buffers, which torch refuses to wrap: "W" copies those
             probs = tempered_probs(torch.from_numpy(np.require(image_emb, np.float32, ["C", "W"])),
                                    torch.from_numpy(self.class_emb), torch.tensor(self.log_scale, dtype=torch.float32),
-                                   bias)
+                                   bias, platt)
         return probs.numpy()
+
+
+def platt_arrays(classes: Sequence[ClassEntry]) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+    """Per-class calibration (a [C], b [C]) float32, or (None, None) when every class has the identity.
+
+    None rather than ones and zeros: an uncalibrated model's probabilities stay bit-for-bit what they were.
+    """
+    if not any(c.calibrated for c in classes):
+        return None, None
+    return (np.array([c.platt_a for c in classes], dtype=np.float32),
+            np.array([c.platt_b for c in classes], dtype=np.float32))

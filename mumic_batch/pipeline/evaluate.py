@@ -71,6 +71,7 @@ def _evaluate(spark: SparkSession, cfg: JobCfg, record: RunRecord) -> dict:
     overall, per_class = evaluate_scores(y, scores[good], classes, len(predictor.manifest.classes),
                                          ev.gap_k, ev.map_classes, ev.majority)
     n_own = len(predictor.manifest.classes)
+    overall.update(uncalibrated(predictor, y[:, :n_own], embeddings[good], ev.gap_k))
     overall.update(metrics.retrieval(y[:, :n_own], embeddings[good]))
     extra = _confusion_section(y[:, :n_own], scores[good][:, :n_own], classes[:n_own])
     if ev.previous:
@@ -134,6 +135,21 @@ def evaluate_scores(y: np.ndarray, scores: np.ndarray, classes: Sequence[ClassEn
         overall["zero_shot_prevalence"] = _nanmean([r.prevalence for r in extras])
         overall["zero_shot_auc"] = _nanmean([r.auc for r in extras])
     return overall, per_class
+
+
+def uncalibrated(predictor: Predictor, y_own: np.ndarray, embeddings: np.ndarray, k: int) -> dict[str, float]:
+    """GAP, GAP@k and ECE of the model's own classes without their Platt scaling; nothing when none is scaled.
+
+    The probabilities come from the stored-embedding path (the ClassHead add_labels uses) with the scaling
+    left out, so they are the uncalibrated model's on the same images.
+    """
+    own = predictor.manifest.classes
+    if not any(c.calibrated for c in own):
+        return {}
+    raw = predictor.class_head([c.name for c in own]).probs(embeddings.astype(np.float32), calibrated=False)
+    return {"gap_uncalibrated": metrics.gap_at_k(y_own, raw),
+            f"gap_at_{k}_uncalibrated": metrics.gap_at_k(y_own, raw, k),
+            "ece_uncalibrated": metrics.expected_calibration_error(y_own, raw)}
 
 
 def _confusion_section(y: np.ndarray, scores: np.ndarray, classes: Sequence[ClassEntry], top: int = 10) -> list[str]:
@@ -238,6 +254,10 @@ def _report(cfg: JobCfg, predictor: Predictor, dataset: str, version: int | None
              "map averages the classes listed in evaluate.map_classes or the evaluate.majority classes with the "
              "most positives (map_all: every class with a positive). zero_shot_* summarise the model.zero_shot "
              "classes, scored from their prompts only; compare each one's AP with its prevalence (chance)."]
+    if "ece_uncalibrated" in overall:
+        notes.append("Probabilities, thresholds and ece are after the model's per-class Platt scaling "
+                     "(train.calibration, platt_a/platt_b in the manifest); the *_uncalibrated numbers are the "
+                     "same images and classes without it.")
     history = predictor.manifest.metrics.get("history")
     if history:
         out.mkdir(parents=True, exist_ok=True)

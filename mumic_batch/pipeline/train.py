@@ -23,6 +23,7 @@ import torch
 from mumic_batch.config import ClassPromptCfg, JobCfg, TrainCfg, to_dict
 from mumic_batch.core import metrics
 from mumic_batch.core import status as st
+from mumic_batch.core.calibration import Platt, apply_platt, fit_platt
 from mumic_batch.core.preprocess import PreprocessSpec
 from mumic_batch.core.thresholds import choose_thresholds
 from mumic_batch.model.artifact import ClassEntry, save_artifact
@@ -30,7 +31,16 @@ from mumic_batch.model.backbone import preprocess_spec
 from mumic_batch.model.base import load_base
 from mumic_batch.model.images import load_pixels
 from mumic_batch.model.device import resolve_device
-from mumic_batch.model.train import Classifier, FitResult, LabelledSet, fit, predict, tower_weights, wise_ft
+from mumic_batch.model.train import (
+    Classifier,
+    FitResult,
+    LabelledSet,
+    fit,
+    predict,
+    predict_logits,
+    tower_weights,
+    wise_ft,
+)
 from mumic_batch.pipeline.labels import LabelsTable, map_class_indices, multi_hot, read_labels, training_classes
 from mumic_batch.pipeline.runs import RunRecord, recorded
 
@@ -40,7 +50,7 @@ JOB = "train"
 # Settings that change nothing in the trained weights: a checkpoint stays valid when only these differ.
 _NOT_IN_FINGERPRINT = ("name", "version", "overwrite", "checkpoint_dir", "checkpoint_every", "resume",
                        "target_precision", "wise_alpha", "threshold_min_support", "threshold_bootstrap",
-                       "threshold_shrinkage", "threshold_ci")
+                       "threshold_shrinkage", "threshold_ci", "calibration", "calibration_min_support")
 
 
 def run(spark, cfg: JobCfg) -> dict:
@@ -86,13 +96,14 @@ def _train(spark, cfg: JobCfg, record: RunRecord) -> dict:
     record.processed = int(train.pixels.shape[0] + val.pixels.shape[0])
     version = tc.version or "ft-" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     record.model_version = version
-    entries, val_metrics = _thresholds_and_metrics(classes, val, result, cfg)
+    entries, val_metrics = _thresholds_and_metrics(clf, classes, val, result, cfg, device)
     zero_shot = _zero_shot_entries(clf, val, val_rows, cfg, device)
     ref = labels.ref(kind="mumic_fine_tune", split=tc.train_split, val_split=tc.val_split, seed=tc.seed,
                      rows=int(train.pixels.shape[0]), val_rows=int(val.pixels.shape[0]),
                      label_column=tc.label_column, base=base_ref)
     fit_metrics = {"val": val_metrics, **_fit_summary(result), "wise_alpha": tc.wise_alpha,
-                   "zero_shot": {e.name: e.to_dict() for e in zero_shot}, "history": _history(result)}
+                   "calibration": tc.calibration, "zero_shot": {e.name: e.to_dict() for e in zero_shot},
+                   "history": _history(result)}
     manifest = save_artifact(out, clf.model, name=tc.name, version=version, classes=entries, training_data=ref,
                              metrics=fit_metrics, overwrite=tc.overwrite)
     return {"job": JOB, "run_id": record.run_id, "model": out, "name": manifest.name, "version": manifest.version,
@@ -148,33 +159,69 @@ def fingerprint(tc: TrainCfg, base_ref: dict, labels: LabelsTable) -> str:
     return hashlib.sha256((payload + rows).encode()).hexdigest()
 
 
-def _thresholds_and_metrics(classes: Sequence[ClassPromptCfg], val: LabelledSet, result: FitResult,
-                            cfg: JobCfg) -> tuple[list[ClassEntry], dict]:
-    """Per-class thresholds with their validation promises (core/thresholds.py), and the validation summary."""
-    y, probs = val.targets.numpy(), result.val_probs
-    entries = class_entries(classes, y, probs, cfg.train)
+def _thresholds_and_metrics(clf: Classifier, classes: Sequence[ClassPromptCfg], val: LabelledSet, result: FitResult,
+                            cfg: JobCfg, device: torch.device) -> tuple[list[ClassEntry], dict]:
+    """Per-class thresholds with their validation promises (core/thresholds.py), and the validation summary.
+
+    With train.calibration=platt the thresholds and the summary are on the calibrated probabilities, and the
+    summary adds their ECE with the uncalibrated GAP and ECE beside them.
+    """
+    y, raw = val.targets.numpy(), result.val_probs
+    probs, platts = validation_scores(clf, val.pixels, y, cfg.train, device, raw)
+    entries = class_entries(classes, y, probs, cfg.train, platts=platts)
     names = [c.name for c in classes]
     idx = map_class_indices(y, names, cfg.evaluate.map_classes, cfg.evaluate.majority)
     summary = metrics.summary(y, probs, cfg.evaluate.gap_k, idx)
+    if platts is not None:
+        summary["ece"] = metrics.expected_calibration_error(y, probs)
+        summary["gap_uncalibrated"] = metrics.gap_at_k(y, raw)
+        summary["ece_uncalibrated"] = metrics.expected_calibration_error(y, raw)
+        summary["calibrated_classes"] = float(sum(p.fitted for p in platts))
+        log.info("Platt scaling on validation: ECE %.4f -> %.4f, GAP %.4f -> %.4f, %d of %d classes scaled",
+                 summary["ece_uncalibrated"], summary["ece"], summary["gap_uncalibrated"], summary["gap"],
+                 summary["calibrated_classes"], len(platts))
     summary["assigned_classes"] = float(sum(e.assign for e in entries))
     return entries, {k: _finite(v) for k, v in summary.items()}
 
 
+def validation_scores(clf: Classifier, pixels: torch.Tensor, y: np.ndarray, tc: TrainCfg, device: torch.device,
+                      raw: np.ndarray | None = None) -> tuple[np.ndarray, list[Platt] | None]:
+    """Validation probabilities to choose thresholds on, and each class's Platt scaling (None: train.calibration=none).
+
+    `raw` are the uncalibrated probabilities when already known. Platt scaling is fitted on the logits
+    themselves: probabilities stored as float32 saturate at 1 long before the logits stop growing.
+    """
+    if tc.calibration == "none":
+        return (predict(clf, pixels, device, tc.precision) if raw is None else raw), None
+    logits = predict_logits(clf, pixels, device, tc.precision).cpu().numpy()
+    platts = fit_platt(y, logits, min_support=tc.calibration_min_support)
+    probs = apply_platt(logits, np.array([p.a for p in platts]), np.array([p.b for p in platts]))
+    return probs, platts
+
+
 def class_entries(classes: Sequence[ClassPromptCfg], y: np.ndarray, probs: np.ndarray, tc: TrainCfg,
-                  zero_shot: bool = False) -> list[ClassEntry]:
-    """Manifest entries: each class's threshold, fallback decision, validation AUC and expected precision/recall."""
+                  zero_shot: bool = False, platts: Sequence[Platt] | None = None) -> list[ClassEntry]:
+    """Manifest entries: each class's threshold, fallback decision, validation AUC and expected precision/recall.
+
+    `probs` are the probabilities tagging will store: with `platts`, the calibrated ones, which the entries'
+    platt_a/platt_b reproduce.
+    """
     choices = choose_thresholds(y, probs, tc.target_precision, min_support=tc.threshold_min_support,
                                 shrinkage=tc.threshold_shrinkage, n_boot=tc.threshold_bootstrap, ci=tc.threshold_ci,
                                 seed=tc.seed)
     entries = []
     for j, (c, t) in enumerate(zip(classes, choices)):
+        platt = {} if platts is None else {"platt_a": platts[j].a, "platt_b": platts[j].b,
+                                           "calibration": platts[j].note}
         entries.append(ClassEntry(
             c.name, c.prompt, float(np.clip(t.threshold, 0.0, 1.0)), zero_shot=zero_shot, assign=t.assign,
             note=t.note, target_precision=tc.target_precision, support=t.support,
             auc=_finite(metrics.roc_auc(y[:, j], probs[:, j])), expected_precision=_finite(t.precision),
             precision_low=_finite(t.precision_low), precision_high=_finite(t.precision_high),
-            expected_recall=_finite(t.recall), recall_low=_finite(t.recall_low), recall_high=_finite(t.recall_high)))
-        log.info("class %s: %s", c.name, f"threshold {t.threshold:.3f} ({t.note})" if t.assign else t.note)
+            expected_recall=_finite(t.recall), recall_low=_finite(t.recall_low), recall_high=_finite(t.recall_high),
+            **platt))
+        log.info("class %s: %s%s", c.name, f"threshold {t.threshold:.3f} ({t.note})" if t.assign else t.note,
+                 "" if platts is None else f"; {platts[j].note}")
     return entries
 
 
@@ -194,9 +241,10 @@ def _zero_shot_entries(clf: Classifier, val: LabelledSet, val_rows: pd.DataFrame
     if not labelled:
         return []
     zs = [cfg.model.zero_shot[j] for j in labelled]
-    probs = predict(Classifier(clf.model, [z.prompt for z in zs]), val.pixels, device, tc.precision)
+    y = y[:, labelled]
+    probs, platts = validation_scores(Classifier(clf.model, [z.prompt for z in zs]), val.pixels, y, tc, device)
     prompts = [ClassPromptCfg(z.name, z.prompt) for z in zs]
-    return class_entries(prompts, y[:, labelled], probs, tc, zero_shot=True)
+    return class_entries(prompts, y, probs, tc, zero_shot=True, platts=platts)
 
 
 def _history(result: FitResult) -> list[dict]:
