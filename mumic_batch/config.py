@@ -56,6 +56,7 @@ class TablesCfg:
 
 
 TABLE_FORMATS = ("auto", "delta", "parquet", "table")
+ZERO_SHOT_FROM = ("self", "base")
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,10 @@ class ZeroShotClassCfg:
 class ModelCfg:
     artifact: str = "data/models/demo"  # model artifact directory (local path or s3://bucket/prefix)
     zero_shot: tuple[ZeroShotClassCfg, ...] = ()  # extra classes scored without retraining
+    zero_shot_from: str = "self"  # self | base: score the zero_shot classes with model.artifact, or with the base model it was fine-tuned from (a second image tower per image; docs/learning.md)
+
+    def __post_init__(self) -> None:
+        _require(self.zero_shot_from in ZERO_SHOT_FROM, "model.zero_shot_from", f"must be one of {ZERO_SHOT_FROM}")
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,13 @@ from mumic_batch.config import DecodeCfg, FetchCfg, SampleCfg
 from mumic_batch.core import metrics
 from mumic_batch.core.sample import CLASSES, HOLDOUTS, fine_tune_classes
 from mumic_batch.core.thresholds import choose_thresholds
-from mumic_batch.model.artifact import ClassEntry, read_manifest
+from mumic_batch.model.artifact import ArtifactError, ClassEntry, read_manifest
 from mumic_batch.model.images import load_pixels
 from mumic_batch.model.predictor import Predictor
 from mumic_batch.pipeline import sample as sample_pipeline
 from mumic_batch.pipeline.evaluate import evaluate_scores
+from tests.fixtures.models import copy_artifact
+from tests.fixtures.tagging import run_tag_job, tag_args
 
 pytestmark = pytest.mark.spark
 
@@ -231,3 +233,88 @@ def test_platt_calibration_through_train_and_evaluate(workspace, jobs_ran, spark
     rows = spark.read.format("delta").load(str(workspace / "metrics-platt")).where("class IS NULL").collect()
     assert {"ece", "ece_uncalibrated", "gap_uncalibrated"} <= {r["metric"] for r in rows}
     assert "ece_uncalibrated" in (workspace / "reports-platt" / "t1-platt-test" / "report.md").read_text()
+
+
+def _holdout_classes() -> list[ClassEntry]:
+    return [ClassEntry(c.name, c.prompt, 0.5, zero_shot=True) for c in CLASSES if c.name in HOLDOUTS]
+
+
+def test_training_records_the_base_models_zero_shot_estimates(workspace, jobs_ran, spark) -> None:
+    """metrics.zero_shot_base: the validation AUC and threshold each holdout prompt earns on the base model."""
+    manifest = read_manifest(workspace / "tuned")
+    recorded = manifest.metrics["zero_shot_base"]
+    assert set(recorded) == set(manifest.metrics["zero_shot"])
+    labels = spark.read.format("delta").load(str(workspace / "sample" / "labels")).where("split = 'val'")
+    labels = labels.orderBy("image_id").toPandas()
+    base = Predictor.load(str(workspace / "base"), zero_shot=_holdout_classes(), device="cpu")
+    loaded = load_pixels(list(labels["uri"]), base.spec, FetchCfg(allowed_schemes=("file",)), DecodeCfg())
+    probs, _ = base.predict(loaded.pixels)
+    for name, entry in recorded.items():
+        y = np.array([name in row for row in labels["labels"]])
+        assert entry["auc"] == pytest.approx(metrics.roc_auc(y, probs[:, base.class_names.index(name)]), abs=1e-5)
+
+
+def test_zero_shot_from_base_scores_the_extras_with_the_base_model(workspace, jobs_ran, spark) -> None:
+    holdouts = _holdout_classes()
+    tuned = Predictor.load(str(workspace / "tuned"), zero_shot=holdouts, device="cpu")
+    mixed = Predictor.load(str(workspace / "tuned"), zero_shot=holdouts, device="cpu", zero_shot_from="base")
+    base = Predictor.load(str(workspace / "base"), zero_shot=holdouts, device="cpu")
+    uris = sorted(str(p) for p in (workspace / "sample" / "images").rglob("*.jpg"))[:24]
+    pixels = load_pixels(uris, tuned.spec, FetchCfg(allowed_schemes=("file",)), DecodeCfg()).pixels
+    (p_tuned, e_tuned), (p_mixed, e_mixed), (p_base, _) = (p.predict(pixels) for p in (tuned, mixed, base))
+    n = len(tuned.manifest.classes)
+    assert mixed.class_names == tuned.class_names
+    np.testing.assert_array_equal(e_mixed, e_tuned)  # the stored embedding stays the fine-tuned model's
+    np.testing.assert_allclose(p_mixed[:, :n], p_tuned[:, :n], rtol=0, atol=1e-6)
+    for j, name in enumerate(mixed.class_names[n:], start=n):
+        np.testing.assert_allclose(p_mixed[:, j], p_base[:, base.class_names.index(name)], rtol=0, atol=1e-6)
+    recorded = read_manifest(workspace / "tuned").metrics["zero_shot_base"]
+    for c in mixed.classes[n:]:
+        assert c.threshold == pytest.approx(recorded[c.name]["threshold"] if c.name in recorded else 0.5)
+    with pytest.raises(ValueError, match="zero_shot_from=base"):
+        mixed.class_head([holdouts[0].name])
+
+
+def test_zero_shot_from_base_refuses_a_base_that_is_not_the_one_training_started_from(workspace, jobs_ran,
+                                                                                     tmp_path) -> None:
+    moved = copy_artifact(workspace / "tuned", tmp_path / "tuned")
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["training_data"]["base"]["artifact"] = str(workspace / "tuned")  # other weights
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="was fine-tuned from"):
+        Predictor.load(str(moved), zero_shot=_holdout_classes(), device="cpu", zero_shot_from="base")
+    manifest["training_data"]["base"] = {"clip_weights": "hf-hub:org/clip", "architecture": "ViT-B-32"}
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="open_clip weights hf-hub:org/clip.*zero_shot_from=self"):
+        Predictor.load(str(moved), zero_shot=_holdout_classes(), device="cpu", zero_shot_from="base")
+    # without zero-shot classes there is nothing for the base to score: it is not even read
+    assert Predictor.load(str(moved), device="cpu", zero_shot_from="base").base is None
+
+
+def test_evaluate_with_zero_shot_from_base_reports_the_base_models_holdout_auc(workspace, jobs_ran) -> None:
+    args = _args(workspace) + ["--set", f"evaluate.report_dir={workspace / 'reports-from-base'}"]
+    mixed = _run(evaluate_job.main, args + ["--set", "model.zero_shot_from=base"])
+    base = _run(evaluate_job.main, args + ["--set", f"model.artifact={workspace / 'base'}"])
+    tuned = jobs_ran["evaluate"]
+    for name in ("gap", "gap_at_10", "map"):
+        assert mixed["overall"][name] == pytest.approx(tuned["overall"][name], abs=1e-6)
+    for name in HOLDOUTS:
+        assert mixed["zero_shot"][name]["auc"] == pytest.approx(base["zero_shot"][name]["auc"], abs=1e-5)
+
+
+def test_tagging_with_zero_shot_from_base_stores_the_base_models_zero_shot_scores(workspace, jobs_ran, spark,
+                                                                                   tmp_path, capsys) -> None:
+    holdouts = _holdout_classes()
+    zero_shot = json.dumps([{"name": c.name, "prompt": c.prompt, "threshold": 0.5} for c in holdouts])
+    args = tag_args(tmp_path, str(workspace / "sample" / "catalogue"), workspace / "tuned",
+                    "--set", f"model.zero_shot={zero_shot}", "--set", "model.zero_shot_from=base",
+                    "--set", f"fetch.local_roots=[{workspace / 'sample' / 'images'}]")
+    summary, log = run_tag_job(capsys, args)
+    assert summary["processed"] == 120 and "scored by the base model" in log
+    rows = spark.read.format("delta").load(str(tmp_path / "predictions")).orderBy("image_id").limit(16).toPandas()
+    base = Predictor.load(str(workspace / "base"), zero_shot=holdouts, device="cpu")
+    pixels = load_pixels(list(rows["uri"]), base.spec, FetchCfg(allowed_schemes=("file",)), DecodeCfg()).pixels
+    probs, _ = base.predict(pixels)
+    for c in holdouts:
+        stored = np.array([row[c.name] for row in rows["zero_shot_probs"]])
+        np.testing.assert_allclose(stored, probs[:, base.class_names.index(c.name)], rtol=0, atol=1e-5)

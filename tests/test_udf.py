@@ -14,6 +14,7 @@ def spec_for(artifact, sha: str | None = None, threads: int = 2) -> udf.EngineSp
         artifact=str(artifact),
         weights_sha256=sha or read_manifest(artifact).weights_sha256,
         zero_shot=(udf.ZeroShotClass("pool", "a photo of a pool", 0.5),),
+        zero_shot_from="self",
         fetch=FetchCfg(allowed_schemes=("file",), threads=threads),
         decode=DecodeCfg(),
         infer=InferCfg(batch_size=4, device="cpu"),

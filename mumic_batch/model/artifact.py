@@ -133,17 +133,28 @@ class Manifest:
         out["classes"] = [c.to_dict() for c in self.classes]
         return out
 
-    def zero_shot_class(self, name: str, prompt: str, threshold: float) -> ClassEntry:
-        """A config zero-shot class as this model should score it.
+    def zero_shot_class(self, name: str, prompt: str, threshold: float, from_base: bool = False) -> ClassEntry:
+        """A config zero-shot class as this model (or, `from_base`, its base model) should score it.
 
-        The training run stores, per zero-shot class its validation split labels (metrics.zero_shot),
-        the threshold chosen for this model, its validation AUC and whether it can be assigned at all;
-        a config threshold knows none of that. The stored entry wins when its prompt is the same.
+        The training run stores, per zero-shot class its validation split labels (metrics.zero_shot,
+        and metrics.zero_shot_base for the base model it started from), the threshold chosen for that
+        model, its validation AUC and whether it can be assigned at all; a config threshold knows none
+        of that. The stored entry wins when its prompt is the same.
         """
-        known = (self.metrics.get("zero_shot") or {}).get(name)
+        known = (self.metrics.get("zero_shot_base" if from_base else "zero_shot") or {}).get(name)
         if known and known.get("prompt") == prompt:
             return ClassEntry(**{**known, "zero_shot": True})
         return ClassEntry(name, prompt, threshold, zero_shot=True)
+
+    def base_artifact(self) -> tuple[str, str]:
+        """(location, weights sha256) of the MuMIC artifact this model was fine-tuned from, as training recorded."""
+        base = self.training_data.get("base") or {}
+        if not base.get("artifact") or not base.get("weights_sha256"):
+            started = f"open_clip weights {base['clip_weights']}" if base.get("clip_weights") else "no recorded base"
+            raise ArtifactError(
+                f"model {self.name} {self.version} has no base MuMIC artifact to score zero-shot classes with "
+                f"({started}); set model.zero_shot_from=self, or fine-tune from a MuMIC artifact (train.base)")
+        return str(base["artifact"]), str(base["weights_sha256"])
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "manifest") -> Manifest:
@@ -325,6 +336,19 @@ def _check_scalar(name: str, in_manifest: float | None, tensor: torch.Tensor | N
         in_manifest is not None and abs(in_manifest - in_weights) > _PARAM_TOLERANCE * max(1.0, abs(in_manifest))
     ):
         raise ArtifactError(f"{source}: manifest {name}={in_manifest} disagrees with the weights ({in_weights})")
+
+
+def check_base(manifest: Manifest, base: Manifest, location: str) -> None:
+    """`base` (read from `location`) is the exact model `manifest` was fine-tuned from, and takes the same pixels."""
+    _, sha256 = manifest.base_artifact()
+    if base.weights_sha256 != sha256:
+        raise ArtifactError(f"base model {location} has weights {base.weights_sha256}, but {manifest.name} "
+                            f"{manifest.version} was fine-tuned from {sha256}; restore that artifact there, or set "
+                            "model.zero_shot_from=self")
+    if base.preprocess_spec != manifest.preprocess_spec:
+        raise ArtifactError(f"base model {location} preprocesses images as {base.preprocess}, {manifest.name} "
+                            f"as {manifest.preprocess}: one pixel batch cannot feed both")
+    log.info("zero-shot classes scored by the base model %s %s from %s", base.name, base.version, location)
 
 
 def load_artifact(

@@ -8,7 +8,7 @@ in-memory arrays and the model-only benchmark).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from mumic_batch.core.preprocess import PreprocessSpec
-from mumic_batch.model.artifact import ClassEntry, Manifest, load_artifact
+from mumic_batch.model.artifact import ClassEntry, Manifest, check_base, load_artifact
 from mumic_batch.model.device import autocast, resolve_device, resolve_precision
 from mumic_batch.model.mumic import MuMIC, tempered_probs
 
@@ -31,9 +31,10 @@ class ClassLike(Protocol):
     threshold: float
 
 
-def merge_classes(manifest: Manifest, zero_shot: Sequence[ClassLike]) -> tuple[ClassEntry, ...]:
+def merge_classes(manifest: Manifest, zero_shot: Sequence[ClassLike], from_base: bool = False
+                  ) -> tuple[ClassEntry, ...]:
     """Manifest classes, then zero-shot extras (Manifest.zero_shot_class); duplicate names raise ValueError."""
-    extras = tuple(manifest.zero_shot_class(c.name, c.prompt, c.threshold) for c in zero_shot)
+    extras = tuple(manifest.zero_shot_class(c.name, c.prompt, c.threshold, from_base) for c in zero_shot)
     classes = tuple(manifest.classes) + extras
     names = [c.name for c in classes]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -47,14 +48,15 @@ class Predictor:
 
     def __init__(
         self, model: MuMIC, manifest: Manifest, classes: tuple[ClassEntry, ...], device: torch.device, precision: str,
-        compile_model: bool = False,
+        compile_model: bool = False, base: MuMIC | None = None,
     ) -> None:
-        """Use Predictor.load; this wires an already-loaded model and precomputes the class embeddings."""
+        """Use Predictor.load; this wires an already-loaded model and precomputes the class embeddings.
+
+        `base`: the model that scores the zero-shot extras (the classes after the manifest's own) from
+        its own image embedding of the same pixels; None: this model scores every class.
+        """
         self.precision = resolve_precision(precision, device)
-        self.model = model.to(device).eval()
-        if device.type == "cuda":
-            # The runner hands over NHWC pixels; channels_last convolutions then need no layout change.
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = _on_device(model, device)
         self.manifest = manifest
         self.classes = classes
         self.device = device
@@ -63,11 +65,21 @@ class Predictor:
         self._std = torch.tensor(self.spec.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         # default dynamic shapes: the last, partial batch of a task must not trigger a recompile per size
         self._encode = torch.compile(self.model.encode_images) if compile_model else self.model.encode_images
+        self.base = None if base is None else _on_device(base, device)
+        self._n_own = len(manifest.classes) if base is not None else len(classes)
+        self._heads = [self._head(self.model, classes[:self._n_own], None)]
+        if self._n_own < len(classes):
+            encode = torch.compile(self.base.encode_images) if compile_model else self.base.encode_images
+            self._heads.append(self._head(self.base, classes[self._n_own:], encode))
+        self.class_emb = torch.cat([h.class_emb for h in self._heads])
+
+    def _head(self, model: MuMIC, classes: Sequence[ClassEntry], encode: Callable | None) -> _Head:
         with torch.inference_mode(), self._autocast():
             # prompts never change during a run: embed them once, in fp32 after normalisation
-            self.class_emb = model.encode_prompts([c.prompt for c in classes]).float()
+            class_emb = model.encode_prompts([c.prompt for c in classes]).float()
         a, b = platt_arrays(classes)
-        self._platt = None if a is None else (torch.from_numpy(a).to(device), torch.from_numpy(b).to(device))
+        platt = None if a is None else (torch.from_numpy(a).to(self.device), torch.from_numpy(b).to(self.device))
+        return _Head(encode, class_emb, model.log_scale, model.bias, platt)
 
     @classmethod
     def load(
@@ -77,19 +89,23 @@ class Predictor:
         device: str = "auto",
         precision: str = "fp32",
         compile_model: bool = False,
+        zero_shot_from: str = "self",
     ) -> Predictor:
         """Load and verify an artifact (local or s3://), add zero-shot classes, move it to the device.
 
+        zero_shot_from="base" scores the zero-shot classes with the base artifact the model was
+        fine-tuned from (verified against the sha256 training recorded), with that model's thresholds.
         The device is resolved before anything is read, so 'cuda' on a machine without one fails at once.
         """
         target = resolve_device(device) if isinstance(device, str) else device
         model, manifest = load_artifact(artifact, device="cpu")
-        classes = merge_classes(manifest, zero_shot)
-        predictor = cls(model, manifest, classes, target, precision, compile_model)
+        base = _load_base(manifest) if zero_shot_from == "base" and zero_shot else None
+        classes = merge_classes(manifest, zero_shot, from_base=base is not None)
+        predictor = cls(model, manifest, classes, target, precision, compile_model, base)
         log.info(
-            "predictor %s %s on %s (%s%s): %d classes (%d zero-shot)", manifest.name, manifest.version, target,
+            "predictor %s %s on %s (%s%s): %d classes (%d zero-shot%s)", manifest.name, manifest.version, target,
             predictor.precision, ", compiled" if compile_model else "", len(classes),
-            len(classes) - len(manifest.classes),
+            len(classes) - len(manifest.classes), ", scored by the base model" if base is not None else "",
         )
         return predictor
 
@@ -154,7 +170,9 @@ class Predictor:
     def _scores(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast():
             image_emb = self._encode(batch)
-            probs = tempered_probs(image_emb, self.class_emb, self.model.log_scale, self.model.bias, self._platt)
+            parts = [tempered_probs(image_emb if h.encode is None else h.encode(batch), h.class_emb, h.log_scale,
+                                    h.bias, h.platt) for h in self._heads]
+        probs = parts[0] if len(parts) == 1 else torch.cat([p.float() for p in parts], dim=1)
         return probs.float(), image_emb.float()
 
     def _check_shape(self, batch: torch.Tensor) -> None:
@@ -175,6 +193,10 @@ class Predictor:
         if missing:
             raise ValueError(f"classes {missing} are not among the predictor's classes {list(index)}")
         rows = [index[n] for n in names]
+        if any(r >= self._n_own for r in rows):
+            raise ValueError(f"classes {list(names)} are scored by the base model (model.zero_shot_from=base), "
+                             "whose image embeddings are not stored; set model.zero_shot_from=self, or add the "
+                             "classes to the base model's own tagged rows (model.artifact=<base artifact>)")
         bias = self.model.bias
         platt_a, platt_b = platt_arrays([self.classes[i] for i in rows])
         return ClassHead(
@@ -189,8 +211,33 @@ class Predictor:
 
     def with_zero_shot(self, zero_shot: Sequence[ClassLike]) -> Predictor:
         """A predictor sharing this model with a different set of zero-shot classes."""
-        classes = merge_classes(self.manifest, zero_shot)
-        return Predictor(self.model, self.manifest, classes, self.device, self.precision)
+        classes = merge_classes(self.manifest, zero_shot, from_base=self.base is not None)
+        return Predictor(self.model, self.manifest, classes, self.device, self.precision, base=self.base)
+
+
+@dataclass(frozen=True)
+class _Head:
+    """One model's share of the classes: encode is None for the predictor's own image embedding."""
+
+    encode: Callable | None
+    class_emb: torch.Tensor
+    log_scale: torch.Tensor
+    bias: torch.Tensor | None
+    platt: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def _on_device(model: MuMIC, device: torch.device) -> MuMIC:
+    model = model.to(device).eval()
+    # The runner hands over NHWC pixels; channels_last convolutions then need no layout change.
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def _load_base(manifest: Manifest) -> MuMIC:
+    """The base model recorded in `manifest`, checked to be the exact weights training started from."""
+    location, _ = manifest.base_artifact()
+    base, base_manifest = load_artifact(location, device="cpu")
+    check_base(manifest, base_manifest, location)
+    return base
 
 
 @dataclass(frozen=True)

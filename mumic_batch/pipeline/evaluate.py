@@ -55,7 +55,7 @@ def _evaluate(spark: SparkSession, cfg: JobCfg, record: RunRecord) -> dict:
         raise ValueError(f"split {ev.split!r} of {cfg.tables.labels} has no rows")
     record.source_version, record.input_rows = labels.version, len(frame)
     predictor = Predictor.load(cfg.model.artifact, zero_shot=cfg.model.zero_shot, device=cfg.infer.device,
-                               precision=cfg.infer.precision)
+                               precision=cfg.infer.precision, zero_shot_from=cfg.model.zero_shot_from)
     record.model_name, record.model_version = predictor.model_name, predictor.model_version
     started = time.perf_counter()
     scores, embeddings, ok = score(predictor, frame, cfg)

@@ -15,10 +15,10 @@ from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from mumic_batch.config import JobCfg, TagCfg, to_dict
+from mumic_batch.config import JobCfg, TagCfg, ZeroShotClassCfg, to_dict
 from mumic_batch.core.errors import ThresholdsExceeded
 from mumic_batch.core.health import check_thresholds
-from mumic_batch.model.artifact import ClassEntry, Manifest, check_artifact
+from mumic_batch.model.artifact import Manifest, check_artifact, check_base
 from mumic_batch.pipeline.runs import RunRecord, recorded
 from mumic_batch.pipeline.selection import BROADCAST_IDS, Selection, catalogue_version, select_work
 from mumic_batch.spark.udf import EngineSpec, ZeroShotClass, with_predictions
@@ -38,6 +38,8 @@ from mumic_batch.tables.schemas import TIMING_COLUMNS
 log = logging.getLogger(__name__)
 
 JOB = "tag_images"
+# How much better the base model must rank a zero-shot class on validation before the log points to it.
+_BASE_AUC_MARGIN = 0.05
 
 
 def run(spark: SparkSession, cfg: JobCfg) -> dict:
@@ -53,8 +55,12 @@ def _tag(spark: SparkSession, cfg: JobCfg, record: RunRecord) -> dict:
     record.model_name, record.model_version = manifest.name, manifest.version
     log.info("run %s: model %s version %s from %s", record.run_id, manifest.name, manifest.version,
              cfg.model.artifact)
+    from_base = cfg.model.zero_shot_from == "base" and bool(cfg.model.zero_shot)
+    if from_base:
+        location, _ = manifest.base_artifact()
+        check_base(manifest, check_artifact(location), location)
     for z in cfg.model.zero_shot:
-        _log_zero_shot(manifest.zero_shot_class(z.name, z.prompt, z.threshold))
+        _log_zero_shot(manifest, z, from_base)
     with Lease(spark, cfg.tables.predictions, manifest.version, record.run_id, cfg.tag.lease_s) as lease:
         _select_and_score(spark, cfg, record, manifest, lease)
     failure = check_thresholds(record.status_counts, record.status_examples, asdict(cfg.tag.max_error_rate),
@@ -92,19 +98,25 @@ def _select_and_score(spark: SparkSession, cfg: JobCfg, record: RunRecord, manif
         delete_if_empty(spark, root)
 
 
-def _log_zero_shot(entry: ClassEntry) -> None:
-    """How far a zero-shot class can be trusted with this model: its validation AUC where training measured it."""
+def _log_zero_shot(manifest: Manifest, z: ZeroShotClassCfg, from_base: bool) -> None:
+    """How far a zero-shot class can be trusted with the model scoring it: its validation AUC, where measured."""
+    entry = manifest.zero_shot_class(z.name, z.prompt, z.threshold, from_base)
+    scorer = "the base model" if from_base else "this model"
     if entry.auc is None:
-        log.warning("zero-shot class %s: no validation estimate for this model (training did not see the class "
+        log.warning("zero-shot class %s: no validation estimate for %s (training did not see the class "
                     "labelled, or its prompt differs); threshold %.2f from the config, unchecked", entry.name,
-                    entry.threshold)
-        return
-    if not entry.assign:
-        log.warning("zero-shot class %s: validation AUC %.3f for this model; never assigned (%s); its "
-                    "probabilities are still stored", entry.name, entry.auc, entry.note or "below its target")
-        return
-    log.info("zero-shot class %s: validation AUC %.3f for this model, threshold %.3f chosen on validation%s",
-             entry.name, entry.auc, entry.threshold, f" ({entry.note})" if entry.note else "")
+                    scorer, entry.threshold)
+    elif not entry.assign:
+        log.warning("zero-shot class %s: validation AUC %.3f for %s; never assigned (%s); its "
+                    "probabilities are still stored", entry.name, entry.auc, scorer, entry.note or "below its target")
+    else:
+        log.info("zero-shot class %s: validation AUC %.3f for %s, threshold %.3f chosen on validation%s",
+                 entry.name, entry.auc, scorer, entry.threshold, f" ({entry.note})" if entry.note else "")
+    base = manifest.zero_shot_class(z.name, z.prompt, z.threshold, from_base=True)
+    if not from_base and base.auc is not None and base.auc > (entry.auc or 0.0) + _BASE_AUC_MARGIN:
+        log.warning("zero-shot class %s: validation AUC %.3f with the base model this one was fine-tuned from, "
+                    "%s with this one; model.zero_shot_from=base scores it with the base model (a second image "
+                    "tower per image)", entry.name, base.auc, "unmeasured" if entry.auc is None else f"{entry.auc:.3f}")
 
 
 @dataclass(frozen=True)
@@ -177,6 +189,7 @@ def _score_chunks(spark: SparkSession, cfg: JobCfg, record: RunRecord, staging: 
         artifact=cfg.model.artifact,
         weights_sha256=manifest.weights_sha256,
         zero_shot=tuple(ZeroShotClass(z.name, z.prompt, z.threshold) for z in cfg.model.zero_shot),
+        zero_shot_from=cfg.model.zero_shot_from,
         fetch=cfg.fetch, decode=cfg.decode, infer=cfg.infer,
     )
     slots = task_slots(dict(spark.sparkContext.getConf().getAll()), _executors(spark),

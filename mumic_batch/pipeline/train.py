@@ -26,10 +26,11 @@ from mumic_batch.core import status as st
 from mumic_batch.core.calibration import Platt, apply_platt, fit_platt
 from mumic_batch.core.preprocess import PreprocessSpec
 from mumic_batch.core.thresholds import choose_thresholds
-from mumic_batch.model.artifact import ClassEntry, save_artifact
+from mumic_batch.model.artifact import ClassEntry, load_artifact, save_artifact
 from mumic_batch.model.backbone import preprocess_spec
 from mumic_batch.model.base import load_base
 from mumic_batch.model.images import load_pixels
+from mumic_batch.model.mumic import MuMIC
 from mumic_batch.model.device import resolve_device
 from mumic_batch.model.train import (
     Classifier,
@@ -97,12 +98,15 @@ def _train(spark, cfg: JobCfg, record: RunRecord) -> dict:
     version = tc.version or "ft-" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     record.model_version = version
     entries, val_metrics = _thresholds_and_metrics(clf, classes, val, result, cfg, device)
-    zero_shot = _zero_shot_entries(clf, val, val_rows, cfg, device)
+    zero_shot = _zero_shot_entries(clf.model, val, val_rows, cfg, device)
+    zero_shot_base = _base_zero_shot_entries(base_ref, val, val_rows, cfg, device)
+    _log_retention(zero_shot, zero_shot_base)
     ref = labels.ref(kind="mumic_fine_tune", split=tc.train_split, val_split=tc.val_split, seed=tc.seed,
                      rows=int(train.pixels.shape[0]), val_rows=int(val.pixels.shape[0]),
                      label_column=tc.label_column, base=base_ref)
     fit_metrics = {"val": val_metrics, **_fit_summary(result), "wise_alpha": tc.wise_alpha,
                    "calibration": tc.calibration, "zero_shot": {e.name: e.to_dict() for e in zero_shot},
+                   "zero_shot_base": {e.name: e.to_dict() for e in zero_shot_base},
                    "history": _history(result)}
     manifest = save_artifact(out, clf.model, name=tc.name, version=version, classes=entries, training_data=ref,
                              metrics=fit_metrics, overwrite=tc.overwrite)
@@ -225,7 +229,7 @@ def class_entries(classes: Sequence[ClassPromptCfg], y: np.ndarray, probs: np.nd
     return entries
 
 
-def _zero_shot_entries(clf: Classifier, val: LabelledSet, val_rows: pd.DataFrame, cfg: JobCfg,
+def _zero_shot_entries(model: MuMIC, val: LabelledSet, val_rows: pd.DataFrame, cfg: JobCfg,
                        device: torch.device) -> list[ClassEntry]:
     """model.zero_shot classes scored from their prompts on the validation split, where it labels them.
 
@@ -242,9 +246,30 @@ def _zero_shot_entries(clf: Classifier, val: LabelledSet, val_rows: pd.DataFrame
         return []
     zs = [cfg.model.zero_shot[j] for j in labelled]
     y = y[:, labelled]
-    probs, platts = validation_scores(Classifier(clf.model, [z.prompt for z in zs]), val.pixels, y, tc, device)
+    probs, platts = validation_scores(Classifier(model, [z.prompt for z in zs]), val.pixels, y, tc, device)
     prompts = [ClassPromptCfg(z.name, z.prompt) for z in zs]
     return class_entries(prompts, y, probs, tc, zero_shot=True, platts=platts)
+
+
+def _base_zero_shot_entries(base_ref: dict, val: LabelledSet, val_rows: pd.DataFrame, cfg: JobCfg,
+                            device: torch.device) -> list[ClassEntry]:
+    """The same entries for the base artifact training started from: what model.zero_shot_from=base would get.
+
+    Reloaded from the artifact rather than kept from before training: tagging will load exactly that.
+    """
+    if not cfg.model.zero_shot or "artifact" not in base_ref:
+        return []
+    base, _ = load_artifact(base_ref["artifact"], device=device)
+    return _zero_shot_entries(base, val, val_rows, cfg, device)
+
+
+def _log_retention(tuned: Sequence[ClassEntry], base: Sequence[ClassEntry]) -> None:
+    """Validation AUC of each zero-shot class before and after fine-tuning: what model.zero_shot_from decides on."""
+    before = {e.name: e.auc for e in base}
+    for e in tuned:
+        if e.name in before:
+            log.info("zero-shot class %s: validation AUC %s with the base model, %s fine-tuned", e.name,
+                     before[e.name], e.auc)
 
 
 def _history(result: FitResult) -> list[dict]:

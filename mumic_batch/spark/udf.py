@@ -37,6 +37,7 @@ class EngineSpec:
     artifact: str
     weights_sha256: str  # part of the cache key: a changed artifact never reuses a stale model
     zero_shot: tuple[ZeroShotClass, ...]
+    zero_shot_from: str  # self | base (model.zero_shot_from)
     fetch: FetchCfg
     decode: DecodeCfg
     infer: InferCfg
@@ -91,7 +92,7 @@ def _build_engine(spec: EngineSpec, device: str):
     target = resolve_device(name, int(index) if index else None)
     extras = [ClassEntry(z.name, z.prompt, z.threshold, zero_shot=True) for z in spec.zero_shot]
     predictor = Predictor.load(spec.artifact, zero_shot=extras, device=target, precision=spec.infer.precision,
-                               compile_model=spec.infer.compile)
+                               compile_model=spec.infer.compile, zero_shot_from=spec.zero_shot_from)
     if predictor.weights_sha256 != spec.weights_sha256:
         raise RuntimeError(
             f"model artifact {spec.artifact} changed during the run "
