@@ -156,35 +156,45 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def threshold_check(tuned: dict) -> tuple[list[str], list[str]]:
-    """Print whether the thresholds held on the test split; return (precision misses, over-assigned classes).
+def threshold_check(tuned: dict) -> tuple[list[str], list[str], list[str]]:
+    """Print whether the thresholds held on the test split; return (precision misses, over-assigned, off-promise).
 
     The goal (docs/learning.md): every class with test AP >= STRONG_AP that is assigned has test precision
     within PRECISION_TOLERANCE of its target, and no class is assigned to more than OVER_ASSIGNED x its prevalence.
+    Beside it: whether test precision lies in the interval validation promised (the manifest's, train.threshold_ci).
     """
     classes = tuned["classes"]
     print(f"\nThresholds on the test split ({sum(c['assign'] for c in classes.values())} of {len(classes)} classes "
           "assigned; 'none': too few or too unreliable validation positives, the class gets no label):")
-    print(f"  {'class':<24} {'AP':>6} {'target':>7} {'precision':>10} {'assigned':>9} {'prevalence':>11}  check")
-    misses, over = [], []
+    print(f"  {'class':<24} {'AP':>6} {'target':>7} {'val promise':>12} {'precision':>10} {'assigned':>9} "
+          f"{'prevalence':>11}  check")
+    misses, over, off_promise = [], [], []
     for name, c in classes.items():
         ap, precision, target = c["ap"], c["precision"], c["target_precision"]
         rate, prevalence = c["assigned_rate"] or 0.0, c["prevalence"] or 0.0
+        low, high = c["promised_precision"]
         notes = []
         if (c["assign"] and ap is not None and ap >= STRONG_AP and target is not None
                 and (precision is None or abs(precision - target) > PRECISION_TOLERANCE)):
             misses.append(name)
             notes.append("precision off target")
+        if c["assign"] and low is not None and (precision is None or not low <= precision <= high):
+            off_promise.append(name)
+            notes.append("outside the promise")
         if rate > OVER_ASSIGNED * prevalence:
             over.append(name)
             notes.append("over-assigned")
         label, goal = name + (" *" if c["zero_shot"] else ""), _fmt(target) if c["assign"] else "none"
-        print(f"  {label:<24} {_fmt(ap):>6} {goal:>7} {_fmt(precision):>10} {_fmt(rate):>9} {_fmt(prevalence):>11}  "
-              f"{', '.join(notes) or 'ok'}")
+        promise = f"{low:.2f}-{high:.2f}" if c["assign"] and low is not None else "n/a"
+        print(f"  {label:<24} {_fmt(ap):>6} {goal:>7} {promise:>12} {_fmt(precision):>10} {_fmt(rate):>9} "
+              f"{_fmt(prevalence):>11}  {', '.join(notes) or 'ok'}")
+    promised = [n for n, c in classes.items() if c["assign"] and c["promised_precision"][0] is not None]
     print(f"  goal: classes with AP >= {STRONG_AP} within {PRECISION_TOLERANCE} of their target precision: "
           f"{'met' if not misses else 'missed by ' + ', '.join(misses)}; none assigned above "
           f"{OVER_ASSIGNED:g}x prevalence: {'met' if not over else 'missed by ' + ', '.join(over)}  (* zero-shot)")
-    return misses, over
+    print(f"  test precision inside the validation promise (its bootstrap interval): "
+          f"{len(promised) - len(off_promise)} of {len(promised)} assigned classes")
+    return misses, over, off_promise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         commands[name] = cmd
         results[name] = run_step(name, cmd)
     zero_shot, tuned = compare(results["evaluate_base"], results["evaluate"], results["evaluate_zero_shot_from_base"])
-    misses, over = threshold_check(results["evaluate"])
+    misses, over, off_promise = threshold_check(results["evaluate"])
     first, rerun = results["tag_images"], results["tag_images_rerun"]
     total = sum(r["rows"] for r in results["query"]["results"][1])
     check(total == first["input_rows"], f"predictions hold {total} rows for {version}, the catalogue {first['input_rows']}")
@@ -227,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "holdout_auc": {name: {step: results[step]["zero_shot"].get(name, {}).get("auc")
                                for step in ("evaluate_base", "evaluate", "evaluate_zero_shot_from_base")}
                         for name in results["evaluate_base"]["zero_shot"]},
-        "threshold_check": {"precision_off_target": misses, "over_assigned": over},
+        "threshold_check": {"precision_off_target": misses, "over_assigned": over, "outside_promise": off_promise},
         "add_labels": {"classes": added["classes"], "rows": added["processed"], "rows_per_s": added["rows_per_s"]},
         "search": {"index": built["index"], "recall_at_10": built["recall_at_10"],
                    "duplicate_groups": built["duplicate_groups"], "text_results": results["search_text"]["out"]},

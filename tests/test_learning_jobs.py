@@ -141,6 +141,8 @@ def test_evaluate_writes_metrics_table_and_report(workspace, jobs_ran, spark) ->
     for name in HOLDOUTS:
         assert per_class[(name, "ap")]["zero_shot"] is True
     assert per_class[("digit_1", "ap")]["zero_shot"] is False
+    entry = next(c for c in read_manifest(workspace / "tuned").classes if c.name == "digit_1")
+    assert summary["classes"]["digit_1"]["promised_precision"] == [entry.precision_low, entry.precision_high]
     assert {m for (_, m) in per_class} == {"ap", "auc", "support", "prevalence", "threshold", "precision", "recall",
                                            "assigned_rate", "assign", "target_precision"}
     assert {"ece", "retrieval_recall_at_1", "retrieval_recall_at_5", "retrieval_map", "assigned_classes",

@@ -270,6 +270,7 @@ def _report(cfg: JobCfg, predictor: Predictor, dataset: str, version: int | None
 def _summary(record: RunRecord, cfg: JobCfg, predictor: Predictor, overall: dict[str, float],
              per_class: Sequence[ClassResult], report: Path) -> dict:
     extras = per_class[len(predictor.manifest.classes):]
+    promised = {c.name: [_value(c.precision_low), _value(c.precision_high)] for c in predictor.classes}
     return {
         "job": JOB, "run_id": record.run_id, "model": cfg.model.artifact, "name": predictor.model_name,
         "version": predictor.model_version, "split": cfg.evaluate.split,
@@ -280,6 +281,6 @@ def _summary(record: RunRecord, cfg: JobCfg, predictor: Predictor, overall: dict
                              "precision": _value(r.precision), "recall": _value(r.recall), "assign": r.assign,
                              "target_precision": _value(r.target_precision), "threshold": r.threshold,
                              "assigned_rate": _value(r.assigned_rate), "zero_shot": r.zero_shot,
-                             "flags": list(r.flags)} for r in per_class},
+                             "promised_precision": promised[r.name], "flags": list(r.flags)} for r in per_class},
         "metrics": cfg.tables.metrics, "report": str(report),
     }
