@@ -131,3 +131,13 @@ def test_embeddings_of_other_weights_fail_the_run(spark, capsys, tmp_path, tagge
     assert code == 1 and "cannot be scored with this text tower" in summary["error"]
     run = spark.read.format("delta").load(str(tmp_path / "runs")).first()
     assert run["outcome"] == "failed" and run["job"] == "add_labels"
+
+
+@pytest.mark.spark
+def test_zero_shot_from_base_is_refused_before_anything_is_read(spark, capsys, tmp_path, tagged_sample):
+    predictions = tagged_sample / "tagged" / "predictions"
+    before = spark.read.format("delta").load(str(predictions)).count()
+    code, summary = run_add_labels(capsys, str(predictions), str(tmp_path / "runs"), tmp_path / "no-such-artifact",
+                                   "--set", "model.zero_shot_from=base")
+    assert code == 1 and summary["error"].startswith("ValueError: model.zero_shot_from=base: add_labels scores")
+    assert spark.read.format("delta").load(str(predictions)).count() == before

@@ -45,6 +45,12 @@ def chosen_classes(zero_shot: Sequence[ZeroShotClassCfg], names: Sequence[str]) 
 
 
 def _add(spark: SparkSession, cfg: JobCfg, record: RunRecord) -> dict:
+    if cfg.model.zero_shot_from != "self":
+        # Tagging would score these classes from the base model's image embedding, which is not stored.
+        raise ValueError(f"model.zero_shot_from={cfg.model.zero_shot_from}: add_labels scores the stored "
+                         "embeddings of model.artifact, which tagging does not use for zero-shot classes then; "
+                         "set model.zero_shot_from=self, or add the classes to the base model's own tagged rows "
+                         "(model.artifact=<base artifact>)")
     path = cfg.tables.predictions
     classes = chosen_classes(cfg.model.zero_shot, cfg.add_labels.classes)
     started = time.perf_counter()
