@@ -172,7 +172,7 @@ class Predictor:
             image_emb = self._encode(batch)
             parts = [tempered_probs(image_emb if h.encode is None else h.encode(batch), h.class_emb, h.log_scale,
                                     h.bias, h.platt) for h in self._heads]
-        probs = parts[0] if len(parts) == 1 else torch.cat([p.float() for p in parts], dim=1)
+        probs = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return probs.float(), image_emb.float()
 
     def _check_shape(self, batch: torch.Tensor) -> None:
