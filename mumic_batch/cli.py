@@ -68,10 +68,10 @@ def pipeline_body(pipeline: str) -> Callable[[JobCfg], dict]:
 
     def body(cfg: JobCfg) -> dict:
         from mumic_batch.spark.session import owned_session, persistent_catalog
-        from mumic_batch.tables.catalog import resolve_outputs
+        from mumic_batch.tables.catalog import names_catalog_tables, resolve_outputs
 
         module = importlib.import_module(f"mumic_batch.pipeline.{pipeline}")
-        with owned_session(cfg.spark, module.JOB) as spark:
+        with owned_session(cfg.spark, module.JOB, names_catalog_tables(cfg.tables)) as spark:
             tables = resolve_outputs(spark, cfg.tables, persistent_catalog(cfg.spark))
             return module.run(spark, dataclasses.replace(cfg, tables=tables))
 

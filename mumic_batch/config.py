@@ -32,6 +32,7 @@ class SparkCfg:
     arrow_batch_bytes: int = 16_000_000  # bytes per Arrow batch, whichever limit is hit first
     metastore: str = ""  # local runs: Derby metastore directory that keeps catalog tables (db.table) between jobs; empty: in-memory catalog (paths only)
     warehouse: str = ""  # local runs: spark.sql.warehouse.dir, where catalog tables' files live (empty: Spark's ./spark-warehouse)
+    driver_java_options: str = ""  # local runs: JVM options of the driver (spark.driver.extraJavaOptions), e.g. -XX:TieredStopAtLevel=1
     conf: dict[str, str] = field(default_factory=dict)  # any other Spark settings, verbatim
 
     def __post_init__(self) -> None:

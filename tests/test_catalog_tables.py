@@ -3,15 +3,16 @@ predictions properties and the persistent label_probs view; jobs.query reads the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from jobs import query as query_job
 from jobs import tag_images
-from mumic_batch.config import SparkCfg
+from mumic_batch.config import SparkCfg, TablesCfg
 from mumic_batch.spark.session import session_settings
-from mumic_batch.tables.catalog import local_path
+from mumic_batch.tables.catalog import local_path, names_catalog_tables
 from mumic_batch.tables.schemas import PREDICTIONS_PROPERTIES
 
 pytestmark = pytest.mark.spark
@@ -84,3 +85,24 @@ def test_local_metastore_settings_apply_to_local_runs_only(tmp_path):
     submitted = session_settings(cfg, submitted=True)
     assert not {"spark.sql.catalogImplementation", "spark.sql.warehouse.dir"} & set(submitted)
     assert "spark.sql.catalogImplementation" not in session_settings(SparkCfg(), submitted=False)
+
+
+def test_a_job_on_paths_only_keeps_the_in_memory_catalog(tmp_path):
+    cfg = SparkCfg(metastore=str(tmp_path / "metastore_db"), driver_java_options="-XX:TieredStopAtLevel=1")
+    paths_only = session_settings(cfg, submitted=False, catalog=False)
+    assert not {"spark.sql.catalogImplementation", "spark.hadoop.javax.jdo.option.ConnectionURL"} & set(paths_only)
+    assert paths_only["spark.driver.extraJavaOptions"] == "-XX:TieredStopAtLevel=1"
+    with_catalog = session_settings(cfg, submitted=False, catalog=True)
+    assert with_catalog["spark.driver.extraJavaOptions"] == (
+        f"-XX:TieredStopAtLevel=1 -Dderby.stream.error.file={tmp_path / 'derby.log'}")
+    assert "spark.driver.extraJavaOptions" not in session_settings(cfg, submitted=True)
+
+
+def test_which_tables_need_the_catalog(tmp_path):
+    paths = TablesCfg(catalogue=str(tmp_path / "catalogue"), labels="data/sample/labels",
+                      predictions="out/predictions", runs="s3a://bucket/runs", metrics="out/metrics")
+    assert not names_catalog_tables(paths)
+    assert names_catalog_tables(dataclasses.replace(paths, predictions=f"{DB}.predictions"))
+    assert names_catalog_tables(dataclasses.replace(paths, catalogue="mumic.catalogue"))
+    assert names_catalog_tables(dataclasses.replace(paths, catalogue="catalogue"))  # a bare name: a table
+    assert names_catalog_tables(dataclasses.replace(paths, labels=str(tmp_path), labels_format="table"))

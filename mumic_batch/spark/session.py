@@ -27,8 +27,8 @@ def under_spark_submit() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ
 
 
-def session_settings(cfg: SparkCfg, submitted: bool) -> dict[str, str]:
-    """All Spark settings this project sets, from config."""
+def session_settings(cfg: SparkCfg, submitted: bool, catalog: bool = True) -> dict[str, str]:
+    """All Spark settings this project sets, from config; `catalog`: the job names catalog tables."""
     settings = dict(DELTA_SETTINGS)
     settings.update({
         "spark.sql.shuffle.partitions": str(cfg.shuffle_partitions),
@@ -44,24 +44,32 @@ def session_settings(cfg: SparkCfg, submitted: bool) -> dict[str, str]:
         settings["spark.driver.memory"] = cfg.driver_memory
         settings["spark.jars.packages"] = ",".join((cfg.delta_package, *cfg.packages))
         settings["spark.ui.showConsoleProgress"] = "false"
-        settings.update(catalog_settings(cfg))
+        settings.update(catalog_settings(cfg, catalog))
     settings.update(cfg.conf)
     return settings
 
 
-def catalog_settings(cfg: SparkCfg) -> dict[str, str]:
+def catalog_settings(cfg: SparkCfg, catalog: bool = True) -> dict[str, str]:
     """Local runs: a Derby metastore (Hive catalog; pyspark's wheel ships Hive and Derby) under
-    spark.metastore, so that catalog tables outlive the job; the warehouse where their files live.
-    Under spark-submit the cluster's own catalog settings apply instead."""
+    spark.metastore when the job names catalog tables, so that they outlive the job; the warehouse
+    where their files live; the driver's JVM options. Under spark-submit the cluster's own catalog
+    settings apply instead.
+
+    A job on paths only keeps Spark's in-memory catalog: booting Derby and the Hive client costs it
+    seconds (about 20 s for a new metastore), and Derby lets one process at a time open it.
+    """
     settings = {}
+    java = [cfg.driver_java_options] if cfg.driver_java_options else []
     if cfg.warehouse:
         settings["spark.sql.warehouse.dir"] = str(Path(cfg.warehouse).resolve())
-    if cfg.metastore:
+    if cfg.metastore and catalog:
         metastore = Path(cfg.metastore).resolve()
         settings["spark.sql.catalogImplementation"] = "hive"
         settings["spark.hadoop.javax.jdo.option.ConnectionURL"] = f"jdbc:derby:;databaseName={metastore};create=true"
         # Derby's log beside its database, not in whatever directory the job was started from.
-        settings["spark.driver.extraJavaOptions"] = f"-Dderby.stream.error.file={metastore.parent / 'derby.log'}"
+        java.append(f"-Dderby.stream.error.file={metastore.parent / 'derby.log'}")
+    if java:
+        settings["spark.driver.extraJavaOptions"] = " ".join(java)
     return settings
 
 
@@ -70,15 +78,15 @@ def persistent_catalog(cfg: SparkCfg) -> bool:
     return bool(cfg.metastore) or under_spark_submit()
 
 
-def build_session(cfg: SparkCfg, job: str) -> SparkSession:
-    """Create (or join) the SparkSession for `job`."""
+def build_session(cfg: SparkCfg, job: str, catalog: bool = True) -> SparkSession:
+    """Create (or join) the SparkSession for `job`; `catalog`: it may name catalog tables (db.table)."""
     submitted = under_spark_submit()
     if not submitted:
         # Executors must run the same interpreter (and venv) as the driver in local mode.
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(f"{cfg.app_name}:{job}")
-    for key, value in session_settings(cfg, submitted).items():
+    for key, value in session_settings(cfg, submitted, catalog).items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
@@ -110,10 +118,10 @@ def _log_local_attempts(master: str) -> None:
 
 
 @contextmanager
-def owned_session(cfg: SparkCfg, job: str) -> Iterator[SparkSession]:
+def owned_session(cfg: SparkCfg, job: str, catalog: bool = True) -> Iterator[SparkSession]:
     """A session for one job run; stopped afterwards only if this call created it."""
     existing = SparkSession.getActiveSession()
-    spark = existing or build_session(cfg, job)
+    spark = existing or build_session(cfg, job, catalog)
     try:
         yield spark
     finally:

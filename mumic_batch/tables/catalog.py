@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from pathlib import Path
 
 from pyspark.sql import SparkSession
 
@@ -18,6 +19,19 @@ from mumic_batch.tables.schemas import METRICS, RUNS
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("predictions", "runs", "metrics")
+INPUTS = ("catalogue", "labels")
+
+
+def names_catalog_tables(tables: TablesCfg) -> bool:
+    """True when a job on `tables` needs a catalog: a table named db.table, or an input given as a
+    catalog table (format `table`, or `auto` with a bare name that is no existing path)."""
+    if any(is_catalog_name(getattr(tables, key)) for key in (*OUTPUTS, *INPUTS)):
+        return True
+    return any(_input_table(getattr(tables, key), getattr(tables, f"{key}_format")) for key in INPUTS)
+
+
+def _input_table(ref: str, fmt: str) -> bool:
+    return fmt == "table" or (fmt == "auto" and "://" not in ref and "/" not in ref and not Path(ref).exists())
 
 
 def resolve_outputs(spark: SparkSession, tables: TablesCfg, persistent: bool) -> TablesCfg:
