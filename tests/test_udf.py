@@ -64,3 +64,21 @@ def test_udf_output_schema_is_the_predictions_contract():
 def test_outside_a_task_the_configured_device_is_used():
     assert udf.task_device("cpu") == "cpu"
     assert udf.task_device("auto") == "auto"
+
+
+@pytest.mark.spark
+def test_warm_up_leaves_the_model_loaded_in_the_workers_spark_reuses(spark, tiny_artifact):
+    spec = spec_for(tiny_artifact, threads=5)  # a spec no other test builds: no worker has it yet
+    first = udf.WarmUp(spark, spec, 2).start().wait(timeout=300)
+    assert len(first) == 2 and not any(r["cached"] for r in first)
+    # The next mapInArrow tasks (as scoring's) get the same idle workers, with the runner already built.
+    again = udf.WarmUp(spark, spec, 2).start().wait(timeout=300)
+    assert {r["pid"] for r in again} == {r["pid"] for r in first}
+    assert all(r["cached"] for r in again)
+
+
+@pytest.mark.spark
+def test_a_stopped_warm_up_leaves_the_session_usable(spark, tiny_artifact):
+    warm_up = udf.WarmUp(spark, spec_for(tiny_artifact, threads=6), 2).start()
+    warm_up.stop()
+    assert spark.range(3).count() == 3

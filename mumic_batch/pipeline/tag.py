@@ -21,7 +21,7 @@ from mumic_batch.core.health import check_thresholds
 from mumic_batch.model.artifact import Manifest, check_artifact, check_base
 from mumic_batch.pipeline.runs import RunRecord, recorded
 from mumic_batch.pipeline.selection import BROADCAST_IDS, Selection, catalogue_version, select_work
-from mumic_batch.spark.udf import EngineSpec, ZeroShotClass, with_predictions
+from mumic_batch.spark.udf import EngineSpec, WarmUp, ZeroShotClass, with_predictions
 from mumic_batch.tables import retry
 from mumic_batch.tables.io import (
     append_predictions,
@@ -61,8 +61,15 @@ def _tag(spark: SparkSession, cfg: JobCfg, record: RunRecord) -> dict:
         check_base(manifest, check_artifact(location), location)
     for z in cfg.model.zero_shot:
         _log_zero_shot(manifest, z, from_base)
-    with Lease(spark, cfg.tables.predictions, manifest.version, record.run_id, cfg.tag.lease_s) as lease:
-        _select_and_score(spark, cfg, record, manifest, lease)
+    spec, slots = engine_spec(cfg, manifest), _slots(spark)
+    # One worker per scoring slot at most: scoring never runs more at once.
+    warm_up = WarmUp(spark, spec, min(slots, cfg.tag.partitions or slots)).start() if cfg.tag.warm_up else None
+    try:
+        with Lease(spark, cfg.tables.predictions, manifest.version, record.run_id, cfg.tag.lease_s) as lease:
+            _select_and_score(spark, cfg, record, manifest, lease, spec, slots, warm_up)
+    finally:
+        if warm_up is not None:
+            warm_up.stop()
     failure = check_thresholds(record.status_counts, record.status_examples, asdict(cfg.tag.max_error_rate),
                                cfg.tag.min_ok_rows)
     if failure:
@@ -70,7 +77,24 @@ def _tag(spark: SparkSession, cfg: JobCfg, record: RunRecord) -> dict:
     return summary(cfg, record)
 
 
-def _select_and_score(spark: SparkSession, cfg: JobCfg, record: RunRecord, manifest: Manifest, lease: Lease) -> None:
+def engine_spec(cfg: JobCfg, manifest: Manifest) -> EngineSpec:
+    """What every Python worker needs to build the runner for this run's model and settings."""
+    return EngineSpec(
+        artifact=cfg.model.artifact,
+        weights_sha256=manifest.weights_sha256,
+        zero_shot=tuple(ZeroShotClass(z.name, z.prompt, z.threshold) for z in cfg.model.zero_shot),
+        zero_shot_from=cfg.model.zero_shot_from,
+        fetch=cfg.fetch, decode=cfg.decode, infer=cfg.infer,
+    )
+
+
+def _slots(spark: SparkSession) -> int:
+    return task_slots(dict(spark.sparkContext.getConf().getAll()), _executors(spark),
+                      spark.sparkContext.defaultParallelism)
+
+
+def _select_and_score(spark: SparkSession, cfg: JobCfg, record: RunRecord, manifest: Manifest, lease: Lease,
+                      spec: EngineSpec, slots: int, warm_up: WarmUp | None) -> None:
     started = time.perf_counter()
     source = catalogue_version(spark, cfg.tables)
     retry.ensure_retry(spark, cfg.tables.predictions)
@@ -89,8 +113,10 @@ def _select_and_score(spark: SparkSession, cfg: JobCfg, record: RunRecord, manif
                  record.input_rows, record.selected, selection.method, record.stage_seconds["select"],
                  record.chunks)
         if record.selected:
-            _score_chunks(spark, cfg, record, staging, chunks, manifest, lease)
+            _score_chunks(spark, cfg, record, staging, chunks, spec, slots, lease)
         else:
+            if warm_up is not None:
+                warm_up.stop()
             record.message = "nothing to do: every catalogue row already has a current prediction"
             log.info("run %s: %s", record.run_id, record.message)
     finally:
@@ -177,7 +203,7 @@ def _worklist(spark: SparkSession, selection: Selection, path: str, tag: TagCfg)
 
 
 def _score_chunks(spark: SparkSession, cfg: JobCfg, record: RunRecord, staging: str, chunks: list[Chunk],
-                  manifest: Manifest, lease: Lease) -> None:
+                  spec: EngineSpec, slots: int, lease: Lease) -> None:
     """Score chunk by chunk while a driver thread commits the previous one.
 
     Commits run one at a time and in order, so a crash loses at most the chunk being committed and
@@ -185,15 +211,6 @@ def _score_chunks(spark: SparkSession, cfg: JobCfg, record: RunRecord, staging: 
     only while the next chunk waits for the previous commit, and during the last commit. The runs
     row counts a chunk's rows and statuses only once its commit succeeded.
     """
-    spec = EngineSpec(
-        artifact=cfg.model.artifact,
-        weights_sha256=manifest.weights_sha256,
-        zero_shot=tuple(ZeroShotClass(z.name, z.prompt, z.threshold) for z in cfg.model.zero_shot),
-        zero_shot_from=cfg.model.zero_shot_from,
-        fetch=cfg.fetch, decode=cfg.decode, infer=cfg.infer,
-    )
-    slots = task_slots(dict(spark.sparkContext.getConf().getAll()), _executors(spark),
-                       spark.sparkContext.defaultParallelism)
     ensure_predictions(spark, cfg.tables.predictions)
     record.chunks_merged, idle, lock = 0, 0.0, threading.Lock()
     started = time.perf_counter()

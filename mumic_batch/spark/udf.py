@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import pyarrow as pa
 from pyspark import TaskContext
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, SparkSession
 
 from mumic_batch.config import DecodeCfg, FetchCfg, InferCfg
 from mumic_batch.tables.schemas import UDF_OUTPUT
@@ -52,6 +54,12 @@ def get_engine(spec: EngineSpec, device: str | None = None):
             engine = _build_engine(spec, device)
             _ENGINES[(spec, device)] = engine
         return engine
+
+
+def has_engine(spec: EngineSpec, device: str) -> bool:
+    """True when this worker has built the runner for `spec` on `device` already."""
+    with _LOCK:
+        return (spec, device) in _ENGINES
 
 
 def task_device(configured: str) -> str:
@@ -118,6 +126,76 @@ def tag_batches(spec: EngineSpec) -> Callable[[Iterator[pa.RecordBatch]], Iterat
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         yield from get_engine(spec, task_device(spec.infer.device)).run(batches)
+
+    return run
+
+
+class WarmUp:
+    """Python workers that load the model while the driver takes the lease and selects the rows.
+
+    A Spark job of `tasks` one-row tasks builds each worker's runner (get_engine caches it) and
+    returns. Spark keeps the idle workers (spark.python.worker.reuse) and hands them to the scoring
+    tasks, which then start at once. It runs in its own job group from a driver thread; stop()
+    cancels it when the run ends first (nothing to score, a held lease, an error). Idle workers are
+    stopped after a minute, so a selection slower than that loses the head start, nothing else.
+    The warm-up runs through mapInArrow like scoring: Spark pools Python workers per kind of runner.
+    """
+
+    def __init__(self, spark: SparkSession, spec: EngineSpec, tasks: int) -> None:
+        self.spark, self.spec, self.tasks = spark, spec, tasks
+        self.group = f"mumic-warm-up-{id(self)}"
+        self._thread = threading.Thread(target=self._run, name="warm-up", daemon=True)
+        self._done = threading.Event()
+        self._cancelled = False
+        self.loaded: list = []
+
+    def start(self) -> WarmUp:
+        self._thread.start()
+        return self
+
+    def wait(self, timeout: float | None = None) -> list:
+        """Wait for the warm-up to end; its rows (pid, seconds, cached) per task, empty if it failed."""
+        self._thread.join(timeout)
+        return self.loaded
+
+    def stop(self) -> None:
+        """Cancel the warm-up if it is still running and wait for its thread."""
+        if not self._done.is_set():
+            self._cancelled = True
+            self.spark.sparkContext.cancelJobGroup(self.group)
+        self._thread.join()
+
+    def _run(self) -> None:
+        started = time.perf_counter()
+        try:
+            self.spark.sparkContext.setJobGroup(self.group, "load the model in the Python workers")
+            self.loaded = (self.spark.range(self.tasks, numPartitions=self.tasks)
+                           .mapInArrow(_warm_batches(self.spec), WARM_UP_OUTPUT).collect())
+            cached = sum(r["cached"] for r in self.loaded)
+            log.info("warm-up: %d Python workers loaded the model in %.1f s (longest %.1f s), %d had it already",
+                     len(self.loaded) - cached, time.perf_counter() - started,
+                     max((r["seconds"] for r in self.loaded), default=0.0), cached)
+        except Exception as err:  # noqa: BLE001 - scoring loads the model itself and reports a real failure
+            if self._cancelled:
+                log.info("warm-up cancelled after %.1f s: the run needs no scoring", time.perf_counter() - started)
+            else:
+                log.warning("warm-up failed, scoring loads the model itself: %s", str(err).splitlines()[0][:300])
+        finally:
+            self._done.set()
+
+
+WARM_UP_OUTPUT = "pid long, seconds double, cached boolean"
+
+
+def _warm_batches(spec: EngineSpec) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for _ in batches:
+            pass
+        started, device = time.perf_counter(), task_device(spec.infer.device)
+        cached = has_engine(spec, device)
+        get_engine(spec, device)
+        yield pa.RecordBatch.from_pydict({"pid": [os.getpid()], "seconds": [time.perf_counter() - started],
+                                          "cached": [cached]})
 
     return run
 
