@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def write_model(path: Path) -> str:
     """An untrained model with the tiny towers and 512-d embeddings; returns its weights' sha256."""
     from mumic_batch.core.sample import CLASS_NAMES
-    from mumic_batch.model.artifact import ClassEntry, create_untrained_artifact
+    from mumic_batch.model.artifact import create_untrained_artifact
+    from mumic_batch.model.manifest import ClassEntry
     from mumic_batch.model.backbone import TINY_ARCH
 
     arch = {**TINY_ARCH, "embed_dim": 512}

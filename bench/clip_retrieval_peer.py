@@ -128,8 +128,9 @@ def export_checkpoint(artifact: str, out_dir: Path) -> dict[str, Any]:
     import torch
     from safetensors.torch import save_file
 
-    from mumic_batch.model.artifact import load_artifact, read_manifest
     from mumic_batch.io.storage import localize_dir
+    from mumic_batch.model.artifact import load_artifact
+    from mumic_batch.model.manifest import read_manifest
 
     manifest = read_manifest(localize_dir(str(artifact)))
     tag = manifest.weights_sha256[:12]

@@ -91,7 +91,8 @@ class GpuUtilisation:
 
 
 def make_artifact(work: Path, arch: str) -> Path:
-    from mumic_batch.model.artifact import ClassEntry, create_untrained_artifact
+    from mumic_batch.model.artifact import create_untrained_artifact
+    from mumic_batch.model.manifest import ClassEntry
     from mumic_batch.model.backbone import TINY_ARCH
 
     classes = [ClassEntry(f"class_{i:03d}", f"a photo with class {i}") for i in range(120)]

@@ -178,7 +178,7 @@ class TagCfg:
     chunk_rows: int = 1_000_000  # rows scored and merged per chunk; a crash loses at most the chunk in flight
     max_error_rate: ErrorRateCfg = field(default_factory=ErrorRateCfg)  # above these shares of failed rows the run ends failed (its rows are kept)
     min_ok_rows: int = 0  # a run with fewer ok rows than this ends failed, also when it had nothing to do
-    warm_up: bool = True  # load the model in the Python workers while the driver takes the lease and selects rows (cancelled if nothing needs scoring)
+    warm_up: bool = True  # start the Python workers loading the model (in the background) while the driver takes the lease and selects rows
     lease_s: float = 300.0  # one run per (predictions table, model version): its lease, renewed every lease_s/3; a killed run's lease is taken over after this
 
     def __post_init__(self) -> None:

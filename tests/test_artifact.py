@@ -13,15 +13,8 @@ import pytest
 import torch
 
 from mumic_batch.config import ZeroShotClassCfg
-from mumic_batch.model.artifact import (
-    FORMAT_VERSION,
-    ArtifactError,
-    ClassEntry,
-    check_artifact,
-    load_artifact,
-    read_manifest,
-    save_artifact,
-)
+from mumic_batch.model.artifact import load_artifact, save_artifact
+from mumic_batch.model.manifest import FORMAT_VERSION, ArtifactError, ClassEntry, check_artifact, read_manifest
 from mumic_batch.model.backbone import TINY_ARCH, skip_init
 from mumic_batch.model.mumic import build_mumic
 from mumic_batch.model.predictor import Predictor, merge_classes

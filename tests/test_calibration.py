@@ -14,7 +14,7 @@ import torch
 from mumic_batch.config import ClassPromptCfg, TrainCfg
 from mumic_batch.core.calibration import apply_platt, fit_platt, fit_platt_class, sigmoid
 from mumic_batch.core.thresholds import choose_thresholds
-from mumic_batch.model.artifact import ArtifactError, ClassEntry, read_manifest
+from mumic_batch.model.manifest import ArtifactError, ClassEntry, read_manifest
 from mumic_batch.model.backbone import TINY_ARCH
 from mumic_batch.model.mumic import build_mumic, tempered_logits
 from mumic_batch.model.predictor import Predictor

@@ -19,7 +19,7 @@ from mumic_batch.config import DecodeCfg, FetchCfg, SampleCfg
 from mumic_batch.core import metrics
 from mumic_batch.core.sample import CLASSES, HOLDOUTS, fine_tune_classes
 from mumic_batch.core.thresholds import choose_thresholds
-from mumic_batch.model.artifact import ArtifactError, ClassEntry, read_manifest
+from mumic_batch.model.manifest import ArtifactError, ClassEntry, read_manifest
 from mumic_batch.model.images import load_pixels
 from mumic_batch.model.predictor import Predictor
 from mumic_batch.pipeline import sample as sample_pipeline

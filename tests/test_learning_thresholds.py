@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from mumic_batch.core import metrics
 from mumic_batch.core.thresholds import choose_threshold, choose_thresholds, global_threshold
-from mumic_batch.model.artifact import ClassEntry, read_manifest, save_artifact
+from mumic_batch.model.artifact import save_artifact
+from mumic_batch.model.manifest import ClassEntry, read_manifest
 from mumic_batch.model.backbone import TINY_ARCH
 from mumic_batch.model.mumic import build_mumic
 

@@ -58,7 +58,7 @@ def test_thresholds_name_the_broken_limit_and_the_top_statuses_with_examples():
 
 def test_failure_message_is_the_cause_on_one_line():
     worker = RuntimeError("An exception was thrown from the Python worker.\nTraceback (most recent call last):\n"
-                          '  File "x.py", line 1, in f\nmumic_batch.model.artifact.ArtifactError: sha256 mismatch '
+                          '  File "x.py", line 1, in f\nmumic_batch.model.manifest.ArtifactError: sha256 mismatch '
                           "for /m/weights.safetensors: manifest aa, file bb; refusing to load\n")
     assert failure_message(worker) == ("ArtifactError: sha256 mismatch for /m/weights.safetensors: manifest aa, "
                                        "file bb; refusing to load")
@@ -187,7 +187,7 @@ def test_integer_uri_column_is_refused_naming_column_and_type(spark, capsys, tmp
 @pytest.mark.spark
 def test_a_second_run_of_a_version_exits_early_while_the_lease_is_held(spark, capsys, tmp_path, catalogue,
                                                                          tiny_artifact):
-    from mumic_batch.model.artifact import read_manifest
+    from mumic_batch.model.manifest import read_manifest
 
     version = read_manifest(tiny_artifact).version
     holder = Lease(spark, str(tmp_path / "predictions"), version, "first-run", lease_s=600)

@@ -61,7 +61,7 @@ def test_one_row_per_image_with_statuses(spark, capsys, tmp_path, catalogue_rows
 
 
 def test_ok_rows_carry_probabilities_embeddings_and_model(spark, capsys, tmp_path, catalogue_rows, tiny_artifact):
-    from mumic_batch.model.artifact import read_manifest
+    from mumic_batch.model.manifest import read_manifest
 
     manifest = read_manifest(tiny_artifact)
     catalogue = write_catalogue(spark, catalogue_rows, tmp_path / "catalogue", "delta")

@@ -1,11 +1,14 @@
 """The per-worker runner cache behind the tagging UDF (no Spark session needed)."""
 
+import dataclasses
+import shutil
+
 import pandas as pd
 import pyarrow as pa
 import pytest
 
 from mumic_batch.config import DecodeCfg, FetchCfg, InferCfg
-from mumic_batch.model.artifact import read_manifest
+from mumic_batch.model.manifest import read_manifest
 from mumic_batch.spark import udf
 
 
@@ -66,15 +69,39 @@ def test_outside_a_task_the_configured_device_is_used():
     assert udf.task_device("auto") == "auto"
 
 
+def test_scoring_waits_for_the_load_the_warm_up_started(tiny_artifact):
+    spec = spec_for(tiny_artifact, threads=7)
+    assert udf.start_engine(spec, "cpu") == "none"
+    engine = udf.get_engine(spec, "cpu")
+    assert udf.start_engine(spec, "cpu") == "loaded"
+    assert udf.get_engine(spec, "cpu") is engine
+
+
+def test_a_failed_warm_up_load_is_loaded_again_by_the_scoring_task(tiny_artifact, tmp_path):
+    artifact = tmp_path / "model"  # not there yet: the background load fails
+    spec = dataclasses.replace(spec_for(tiny_artifact, threads=8), artifact=str(artifact))
+    udf.start_engine(spec, "cpu")
+    udf._ENGINES[(spec, "cpu")].done.wait(timeout=120)
+    shutil.copytree(tiny_artifact, artifact)
+    engine = udf.get_engine(spec, "cpu")
+    assert engine.model.weights_sha256 == spec.weights_sha256
+
+
+def test_a_failed_load_in_the_task_itself_raises(tiny_artifact, tmp_path):
+    spec = dataclasses.replace(spec_for(tiny_artifact, threads=9), artifact=str(tmp_path / "none"))
+    with pytest.raises(FileNotFoundError, match="artifact directory not found"):
+        udf.get_engine(spec, "cpu")
+
+
 @pytest.mark.spark
-def test_warm_up_leaves_the_model_loaded_in_the_workers_spark_reuses(spark, tiny_artifact):
+def test_warm_up_starts_the_model_loading_in_the_workers_spark_reuses(spark, tiny_artifact):
     spec = spec_for(tiny_artifact, threads=5)  # a spec no other test builds: no worker has it yet
     first = udf.WarmUp(spark, spec, 2).start().wait(timeout=300)
-    assert len(first) == 2 and not any(r["cached"] for r in first)
-    # The next mapInArrow tasks (as scoring's) get the same idle workers, with the runner already built.
+    assert [r["had"] for r in first] == ["none", "none"]
+    # The next mapInArrow tasks (as scoring's) get the same idle workers, loading or done loading.
     again = udf.WarmUp(spark, spec, 2).start().wait(timeout=300)
     assert {r["pid"] for r in again} == {r["pid"] for r in first}
-    assert all(r["cached"] for r in again)
+    assert {r["had"] for r in again} <= {"loading", "loaded"}
 
 
 @pytest.mark.spark

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from mumic_batch.core.preprocess import PreprocessSpec
-from mumic_batch.model.artifact import ClassEntry, Manifest, check_base, load_artifact
+from mumic_batch.model.artifact import load_artifact
+from mumic_batch.model.manifest import ClassEntry, Manifest, check_base
 from mumic_batch.model.device import autocast, resolve_device, resolve_precision
 from mumic_batch.model.mumic import MuMIC, tempered_probs
 

@@ -25,7 +25,7 @@ from mumic_batch.core import metrics
 from mumic_batch.core import status as st
 from mumic_batch.core.report import ClassResult, plot_training_curves, write_report
 from mumic_batch.io.fetch import Fetcher
-from mumic_batch.model.artifact import ClassEntry
+from mumic_batch.model.manifest import ClassEntry
 from mumic_batch.inference.runner import Runner
 from mumic_batch.model.predictor import Predictor
 from mumic_batch.pipeline.labels import map_class_indices, multi_hot, read_labels

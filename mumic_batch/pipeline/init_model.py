@@ -6,7 +6,8 @@ import logging
 
 from mumic_batch.config import InitModelCfg
 from mumic_batch.core.sample import fine_tune_classes
-from mumic_batch.model.artifact import ClassEntry, save_artifact
+from mumic_batch.model.artifact import save_artifact
+from mumic_batch.model.manifest import ClassEntry
 from mumic_batch.model.backbone import named_architecture
 from mumic_batch.model.mumic import build_mumic
 

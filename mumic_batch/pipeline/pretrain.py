@@ -15,7 +15,8 @@ import torch
 
 from mumic_batch.config import JobCfg, to_dict
 from mumic_batch.core import status as st
-from mumic_batch.model.artifact import ClassEntry, save_artifact
+from mumic_batch.model.artifact import save_artifact
+from mumic_batch.model.manifest import ClassEntry
 from mumic_batch.model.backbone import named_architecture, preprocess_spec
 from mumic_batch.model.images import load_pixels
 from mumic_batch.model.mumic import build_mumic

@@ -32,7 +32,7 @@ from pyspark.sql import functions as F
 from mumic_batch.config import JobCfg, SearchCfg, to_dict
 from mumic_batch.core import ann
 from mumic_batch.core import status as st
-from mumic_batch.model.artifact import check_artifact
+from mumic_batch.model.manifest import check_artifact
 from mumic_batch.pipeline.runs import RunRecord, recorded
 from mumic_batch.pipeline.stored import stored_rows
 from mumic_batch.tables.io import ensure_delta

@@ -18,7 +18,7 @@ from pyspark.sql import functions as F
 from mumic_batch.config import JobCfg, TagCfg, ZeroShotClassCfg, to_dict
 from mumic_batch.core.errors import ThresholdsExceeded
 from mumic_batch.core.health import check_thresholds
-from mumic_batch.model.artifact import Manifest, check_artifact, check_base
+from mumic_batch.model.manifest import Manifest, check_artifact, check_base
 from mumic_batch.pipeline.runs import RunRecord, recorded
 from mumic_batch.pipeline.selection import BROADCAST_IDS, Selection, catalogue_version, select_work
 from mumic_batch.spark.udf import EngineSpec, WarmUp, ZeroShotClass, with_predictions

@@ -26,7 +26,8 @@ from mumic_batch.core import status as st
 from mumic_batch.core.calibration import Platt, apply_platt, fit_platt
 from mumic_batch.core.preprocess import PreprocessSpec
 from mumic_batch.core.thresholds import choose_thresholds
-from mumic_batch.model.artifact import ClassEntry, load_artifact, save_artifact
+from mumic_batch.model.artifact import load_artifact, save_artifact
+from mumic_batch.model.manifest import ClassEntry
 from mumic_batch.model.backbone import preprocess_spec
 from mumic_batch.model.base import load_base
 from mumic_batch.model.images import load_pixels

@@ -20,7 +20,6 @@ from mumic_batch.tables.schemas import UDF_OUTPUT
 
 log = logging.getLogger(__name__)
 
-_ENGINES: dict[tuple["EngineSpec", str], object] = {}
 _LOCK = threading.Lock()
 _WORKER_INDEX: int | None = None  # set by the first task this Python worker runs
 
@@ -45,21 +44,86 @@ class EngineSpec:
     infer: InferCfg
 
 
+class _Load:
+    """One build of a worker's runner: in the task's own thread, or in the background for the warm-up."""
+
+    def __init__(self, spec: EngineSpec, device: str, cores: int, background: bool) -> None:
+        self.spec, self.device, self.cores, self.background = spec, device, cores, background
+        self.done = threading.Event()
+        self.engine: object | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.engine = _build_engine(self.spec, self.device, self.cores)
+        except BaseException as err:  # noqa: BLE001 - raised again in the task that waits for this load
+            self.error = err
+            if self.background:
+                log.warning("loading the model in the background failed; the next scoring task loads it again: "
+                            "%s", str(err).splitlines()[0][:300] if str(err) else type(err).__name__)
+        finally:
+            self.done.set()
+
+    @property
+    def state(self) -> str:
+        if not self.done.is_set():
+            return "loading"
+        return "failed" if self.error is not None else "loaded"
+
+
+_ENGINES: dict[tuple[EngineSpec, str], _Load] = {}
+
+
+def _claim(spec: EngineSpec, device: str, background: bool) -> tuple[_Load, bool]:
+    """This worker's load of the runner for (spec, device), and whether the caller must start it.
+
+    A failed load is replaced, so a task after a failure tries again (as Spark's task retries expect).
+    The task's cores are read here, in the task's thread: a background load runs after the task ended.
+    """
+    with _LOCK:
+        load = _ENGINES.get((spec, device))
+        if load is not None and load.state != "failed":
+            return load, False
+        load = _ENGINES[(spec, device)] = _Load(spec, device, _task_cores(), background)
+        return load, True
+
+
 def get_engine(spec: EngineSpec, device: str | None = None):
-    """The worker's runner for `spec` on `device`, built on first use and reused by later tasks and batches."""
+    """The worker's runner for `spec` on `device`, built on first use and reused by later tasks and batches.
+
+    A load the warm-up started is waited for; if it failed, this task loads again, so the error a
+    task raises is always its own.
+    """
     device = device or spec.infer.device
-    with _LOCK:
-        engine = _ENGINES.get((spec, device))
-        if engine is None:
-            engine = _build_engine(spec, device)
-            _ENGINES[(spec, device)] = engine
-        return engine
+    load = _finished_load(spec, device)
+    if load.error is not None and load.background:
+        load = _finished_load(spec, device)
+    if load.error is not None:
+        raise load.error
+    return load.engine
 
 
-def has_engine(spec: EngineSpec, device: str) -> bool:
-    """True when this worker has built the runner for `spec` on `device` already."""
-    with _LOCK:
-        return (spec, device) in _ENGINES
+def _finished_load(spec: EngineSpec, device: str) -> _Load:
+    load, new = _claim(spec, device, background=False)
+    if new:
+        load.run()
+    elif not load.done.is_set():
+        waited = time.perf_counter()
+        load.done.wait()
+        log.info("waited %.1f s for the model the warm-up was loading", time.perf_counter() - waited)
+    return load
+
+
+def start_engine(spec: EngineSpec, device: str) -> str:
+    """Start building the runner for `spec` on `device` in a background thread and return at once.
+
+    Returns what this worker had before: 'none' (the load starts now), 'loading' or 'loaded'.
+    """
+    load, new = _claim(spec, device, background=True)
+    if not new:
+        return load.state
+    threading.Thread(target=load.run, name="mumic-warm-up", daemon=True).start()
+    return "none"
 
 
 def task_device(configured: str) -> str:
@@ -87,12 +151,12 @@ def _task_cores() -> int:
     return cpus if cpus > 1 else 0
 
 
-def _build_engine(spec: EngineSpec, device: str):
+def _build_engine(spec: EngineSpec, device: str, cores: int):
     _worker_logging()
     # Imported here so the driver and non-tagging jobs never pay for torch at import time.
     from mumic_batch.inference.runner import Runner
     from mumic_batch.io.fetch import Fetcher
-    from mumic_batch.model.artifact import ClassEntry
+    from mumic_batch.model.manifest import ClassEntry
     from mumic_batch.model.device import resolve_device
     from mumic_batch.model.predictor import Predictor
 
@@ -108,8 +172,8 @@ def _build_engine(spec: EngineSpec, device: str):
         )
     log.info("python worker loaded model %s %s on %s", predictor.model_name, predictor.model_version, target)
     infer = spec.infer
-    if not infer.decode_workers and _task_cores():
-        infer = dataclasses.replace(infer, decode_workers=_task_cores())
+    if not infer.decode_workers and cores:
+        infer = dataclasses.replace(infer, decode_workers=cores)
     return Runner(predictor, Fetcher(spec.fetch), spec.decode, infer, spec.fetch.threads)
 
 
@@ -133,12 +197,14 @@ def tag_batches(spec: EngineSpec) -> Callable[[Iterator[pa.RecordBatch]], Iterat
 class WarmUp:
     """Python workers that load the model while the driver takes the lease and selects the rows.
 
-    A Spark job of `tasks` one-row tasks builds each worker's runner (get_engine caches it) and
-    returns. Spark keeps the idle workers (spark.python.worker.reuse) and hands them to the scoring
-    tasks, which then start at once. It runs in its own job group from a driver thread; stop()
-    cancels it when the run ends first (nothing to score, a held lease, an error). Idle workers are
-    stopped after a minute, so a selection slower than that loses the head start, nothing else.
-    The warm-up runs through mapInArrow like scoring: Spark pools Python workers per kind of runner.
+    A Spark job of `tasks` one-row tasks starts each worker's runner loading in a background thread
+    (start_engine) and ends at once: the task slots stay free for the driver's own jobs (lease,
+    selection), which would otherwise queue behind the loads. Spark keeps the idle workers
+    (spark.python.worker.reuse) and hands them to the scoring tasks, which wait for the load to end.
+    It runs in its own job group from a driver thread; stop() cancels it when the run ends first
+    (nothing to score, a held lease, an error). Idle workers are stopped after a minute, so a
+    selection slower than that loses the head start, nothing else. The warm-up runs through
+    mapInArrow like scoring: Spark pools Python workers per kind of runner.
     """
 
     def __init__(self, spark: SparkSession, spec: EngineSpec, tasks: int) -> None:
@@ -154,7 +220,7 @@ class WarmUp:
         return self
 
     def wait(self, timeout: float | None = None) -> list:
-        """Wait for the warm-up to end; its rows (pid, seconds, cached) per task, empty if it failed."""
+        """Wait for the warm-up job to end; its rows (pid, had) per task, empty if it failed."""
         self._thread.join(timeout)
         return self.loaded
 
@@ -171,10 +237,10 @@ class WarmUp:
             self.spark.sparkContext.setJobGroup(self.group, "load the model in the Python workers")
             self.loaded = (self.spark.range(self.tasks, numPartitions=self.tasks)
                            .mapInArrow(_warm_batches(self.spec), WARM_UP_OUTPUT).collect())
-            cached = sum(r["cached"] for r in self.loaded)
-            log.info("warm-up: %d Python workers loaded the model in %.1f s (longest %.1f s), %d had it already",
-                     len(self.loaded) - cached, time.perf_counter() - started,
-                     max((r["seconds"] for r in self.loaded), default=0.0), cached)
+            had = [r["had"] for r in self.loaded]
+            log.info("warm-up: %d Python workers started loading the model in the background, %d were loading "
+                     "it, %d had it (%.1f s)", had.count("none"), had.count("loading"), had.count("loaded"),
+                     time.perf_counter() - started)
         except Exception as err:  # noqa: BLE001 - scoring loads the model itself and reports a real failure
             if self._cancelled:
                 log.info("warm-up cancelled after %.1f s: the run needs no scoring", time.perf_counter() - started)
@@ -184,18 +250,15 @@ class WarmUp:
             self._done.set()
 
 
-WARM_UP_OUTPUT = "pid long, seconds double, cached boolean"
+WARM_UP_OUTPUT = "pid long, had string"
 
 
 def _warm_batches(spec: EngineSpec) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for _ in batches:
             pass
-        started, device = time.perf_counter(), task_device(spec.infer.device)
-        cached = has_engine(spec, device)
-        get_engine(spec, device)
-        yield pa.RecordBatch.from_pydict({"pid": [os.getpid()], "seconds": [time.perf_counter() - started],
-                                          "cached": [cached]})
+        had = start_engine(spec, task_device(spec.infer.device))
+        yield pa.RecordBatch.from_pydict({"pid": [os.getpid()], "had": [had]})
 
     return run
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pyspark.sql.pandas.types import from_arrow_schema
 from pyspark.sql.types import (
-    ArrayType,
     BooleanType,
     DoubleType,
     FloatType,
