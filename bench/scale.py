@@ -314,9 +314,12 @@ def backfill(spark, base: Path, work: Path, classes: list[str], n: int, chunks: 
         scored = predictions(spark, chunk.todo.withColumnRenamed("source_updated_at", "updated_at"), classes, V2)
         scored.write.format("delta").save(str(work / f"scored-{chunk.number}"))
         score_s += time.perf_counter() - began
+        # the tagging job knows its statuses from the chunk's stats, read after scoring
+        statuses = [r["status"] for r in spark.read.format("delta").load(str(work / f"scored-{chunk.number}"))
+                    .select("status").distinct().collect()]
         began = time.perf_counter()
         tag.commit_chunk(spark, tables.predictions, tag_cfg, "bench-backfill", V2, chunk,
-                         str(work / f"scored-{chunk.number}"))
+                         str(work / f"scored-{chunk.number}"), statuses)
         commit_s += time.perf_counter() - began
     removed, added = rewritten(commits_since(spark, work / "predictions", before))
     return {"selection": selection.method, "processed": sum(c.rows for c in plan), "chunks": len(plan),

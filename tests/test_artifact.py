@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mumic_batch.config import ZeroShotClassCfg
-from mumic_batch.model.artifact import load_artifact, save_artifact
+from mumic_batch.model.artifact import CLASS_EMBEDDINGS, load_artifact, load_model, save_artifact
 from mumic_batch.model.manifest import FORMAT_VERSION, ArtifactError, ClassEntry, check_artifact, read_manifest
 from mumic_batch.model.backbone import TINY_ARCH, skip_init
 from mumic_batch.model.mumic import build_mumic
@@ -185,6 +185,51 @@ def test_predictor_matches_the_model_and_is_batch_independent(tiny_predictor: Pr
     np.testing.assert_allclose(one_probs[0], probs[2], rtol=1e-5, atol=1e-6)
     tensor_probs, _ = tiny_predictor.predict(torch.from_numpy(pixels))
     np.testing.assert_array_equal(tensor_probs, probs)
+
+
+def without_stored_embeddings(artifact: Path, out: Path) -> Path:
+    """A copy of `artifact` as written before prompt embeddings were stored (weights and manifest hash)."""
+    from safetensors.torch import load_file, save_file
+
+    copy_artifact(artifact, out)
+    tensors = load_file(str(out / "weights.safetensors"))
+    del tensors[CLASS_EMBEDDINGS]
+    save_file(tensors, str(out / "weights.safetensors"), metadata={"format": "pt"})
+    data = (out / "weights.safetensors").read_bytes()
+    rewrite_manifest(out, weights_sha256=hashlib.sha256(data).hexdigest(), weights_size=len(data))
+    return out
+
+
+def test_artifact_stores_the_classes_prompt_embeddings(tiny_artifact: Path) -> None:
+    loaded = load_model(str(tiny_artifact))
+    with torch.inference_mode():
+        computed = loaded.model.encode_prompts([c.prompt for c in loaded.manifest.classes])
+    assert loaded.class_embeddings.shape == (len(TINY_CLASSES), 64)
+    torch.testing.assert_close(loaded.class_embeddings, computed.float(), rtol=1e-6, atol=1e-6)
+
+
+def test_predictor_from_stored_embeddings_scores_as_one_that_embeds_the_prompts(
+        tiny_artifact: Path, tmp_path: Path) -> None:
+    extras = [ZeroShotClassCfg(name="pool", prompt="a photo of a swimming pool", threshold=0.9)]
+    stored = Predictor.load(str(tiny_artifact), zero_shot=extras)
+    older = Predictor.load(str(without_stored_embeddings(tiny_artifact, tmp_path / "older")), zero_shot=extras)
+    assert stored.stored is not None and older.stored is None
+    pixels = random_pixels(6, seed=5)
+    np.testing.assert_allclose(stored.predict(pixels)[0], older.predict(pixels)[0], rtol=1e-5, atol=1e-6)
+    assert stored.class_names == older.class_names and stored.class_names[-1] == "pool"
+
+
+def test_stored_embeddings_that_do_not_match_the_classes_are_refused(tiny_artifact: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    bad = copy_artifact(tiny_artifact, tmp_path / "bad")
+    tensors = load_file(str(bad / "weights.safetensors"))
+    tensors[CLASS_EMBEDDINGS] = tensors[CLASS_EMBEDDINGS][:2].contiguous()
+    save_file(tensors, str(bad / "weights.safetensors"), metadata={"format": "pt"})
+    data = (bad / "weights.safetensors").read_bytes()
+    rewrite_manifest(bad, weights_sha256=hashlib.sha256(data).hexdigest(), weights_size=len(data))
+    with pytest.raises(ArtifactError, match=r"class_embeddings are torch.float32 \(2, 64\), expected finite float32 \(5, 64\)"):
+        load_artifact(str(bad))
 
 
 def test_predictor_rejects_wrong_shapes_and_handles_empty_batches(tiny_predictor: Predictor) -> None:

@@ -99,13 +99,17 @@ def test_warm_up_starts_the_model_loading_in_the_workers_spark_reuses(spark, tin
     first = udf.WarmUp(spark, spec, 2).start().wait(timeout=300)
     assert [r["had"] for r in first] == ["none", "none"]
     # The next mapInArrow tasks (as scoring's) get the same idle workers, loading or done loading.
-    again = udf.WarmUp(spark, spec, 2).start().wait(timeout=300)
+    second = udf.WarmUp(spark, spec, 2).start()
+    again = second.wait(timeout=300)
     assert {r["pid"] for r in again} == {r["pid"] for r in first}
     assert {r["had"] for r in again} <= {"loading", "loaded"}
+    second.finish()  # waits for the loads of both workers
+    assert [r["had"] for r in udf.WarmUp(spark, spec, 2).start().wait(timeout=300)] == ["loaded", "loaded"]
 
 
 @pytest.mark.spark
 def test_a_stopped_warm_up_leaves_the_session_usable(spark, tiny_artifact):
     warm_up = udf.WarmUp(spark, spec_for(tiny_artifact, threads=6), 2).start()
     warm_up.stop()
+    warm_up.finish()  # returns once any load the stopped warm-up started has ended
     assert spark.range(3).count() == 3

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,34 @@ from mumic_batch.model.mumic import MuMIC, build_mumic
 log = logging.getLogger(__name__)
 
 _PARAM_TOLERANCE = 1e-5
+# The manifest classes' prompt embeddings [C, D] float32, stored beside the model's tensors: the
+# classifier weights, so a loading worker does not run the text tower over every prompt again.
+CLASS_EMBEDDINGS = "class_embeddings"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A verified artifact: the model, its manifest, and its classes' stored prompt embeddings.
+
+    class_embeddings is None for an artifact written before they were stored (the predictor then
+    embeds the prompts itself, as it always did).
+    """
+
+    model: MuMIC
+    manifest: Manifest
+    class_embeddings: torch.Tensor | None
+
+
+def class_embeddings(model: MuMIC, classes: Sequence[ClassEntry]) -> torch.Tensor:
+    """The classes' prompt embeddings as the predictor uses them: eval mode, float32, unit-norm, on the CPU."""
+    modes = {module: module.training for module in model.modules()}  # a training loop may freeze some in eval
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return model.encode_prompts([c.prompt for c in classes]).float().cpu().contiguous()
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 def _sha256(data: bytes | memoryview) -> str:
@@ -82,6 +111,7 @@ def save_artifact(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp.", dir=out_dir.parent))
     try:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        tensors[CLASS_EMBEDDINGS] = class_embeddings(model, classes)
         weights_path = tmp / WEIGHTS_FILE
         # one metadata key only: safetensors writes a multi-key map in random order, and the same weights
         # should always give the same bytes (and sha256)
@@ -147,9 +177,20 @@ def load_artifact(
     path_or_uri: str | os.PathLike[str], device: str | torch.device = "cpu", cache_dir: str | None = None
 ) -> tuple[MuMIC, Manifest]:
     """Load a verified artifact (local dir, file:// or s3:// prefix) as an eval-mode MuMIC on `device`."""
+    loaded = load_model(path_or_uri, device, cache_dir)
+    return loaded.model, loaded.manifest
+
+
+def load_model(
+    path_or_uri: str | os.PathLike[str], device: str | torch.device = "cpu", cache_dir: str | None = None
+) -> LoadedModel:
+    """load_artifact, with the classes' stored prompt embeddings (checked against the manifest)."""
     artifact_dir = localize_dir(str(path_or_uri), cache_dir=cache_dir)
     manifest = read_manifest(artifact_dir)
     state_dict = _read_verified_weights(artifact_dir, manifest)
+    stored = state_dict.pop(CLASS_EMBEDDINGS, None)
+    if stored is not None:
+        _check_class_embeddings(stored, manifest, artifact_dir)
     model = build_mumic(manifest.architecture, init_bias=None if manifest.bias is None else 0.0, initialise=False)
     try:
         check_state_dict(model, state_dict, str(artifact_dir / manifest.weights_file))
@@ -161,7 +202,14 @@ def load_artifact(
     if model.embed_dim != manifest.embed_dim:
         raise ArtifactError(f"{artifact_dir}: embed_dim {manifest.embed_dim} != architecture's {model.embed_dim}")
     log.info("loaded artifact %s %s from %s", manifest.name, manifest.version, path_or_uri)
-    return model.to(device).eval(), manifest
+    return LoadedModel(model.to(device).eval(), manifest, stored)
+
+
+def _check_class_embeddings(stored: torch.Tensor, manifest: Manifest, source: Path) -> None:
+    expected = (len(manifest.classes), manifest.embed_dim)
+    if tuple(stored.shape) != expected or stored.dtype != torch.float32 or not bool(torch.isfinite(stored).all()):
+        raise ArtifactError(f"{source}: stored {CLASS_EMBEDDINGS} are {stored.dtype} {tuple(stored.shape)}, "
+                            f"expected finite float32 {expected} (one row per manifest class)")
 
 
 def create_untrained_artifact(

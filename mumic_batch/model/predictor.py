@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from mumic_batch.core.preprocess import PreprocessSpec
-from mumic_batch.model.artifact import load_artifact
+from mumic_batch.model.artifact import load_artifact, load_model
 from mumic_batch.model.manifest import ClassEntry, Manifest, check_base
 from mumic_batch.model.device import autocast, resolve_device, resolve_precision
 from mumic_batch.model.mumic import MuMIC, tempered_probs
@@ -49,13 +49,15 @@ class Predictor:
 
     def __init__(
         self, model: MuMIC, manifest: Manifest, classes: tuple[ClassEntry, ...], device: torch.device, precision: str,
-        compile_model: bool = False, base: MuMIC | None = None,
+        compile_model: bool = False, base: MuMIC | None = None, stored: torch.Tensor | None = None,
     ) -> None:
         """Use Predictor.load; this wires an already-loaded model and precomputes the class embeddings.
 
         `base`: the model that scores the zero-shot extras (the classes after the manifest's own) from
         its own image embedding of the same pixels; None: this model scores every class.
+        `stored`: the manifest classes' prompt embeddings from the artifact; None: embed their prompts here.
         """
+        self.stored = stored
         self.precision = resolve_precision(precision, device)
         self.model = _on_device(model, device)
         self.manifest = manifest
@@ -68,16 +70,22 @@ class Predictor:
         self._encode = torch.compile(self.model.encode_images) if compile_model else self.model.encode_images
         self.base = None if base is None else _on_device(base, device)
         self._n_own = len(manifest.classes) if base is not None else len(classes)
-        self._heads = [self._head(self.model, classes[:self._n_own], None)]
+        self._heads = [self._head(self.model, classes[:self._n_own], None, stored)]
         if self._n_own < len(classes):
             encode = torch.compile(self.base.encode_images) if compile_model else self.base.encode_images
             self._heads.append(self._head(self.base, classes[self._n_own:], encode))
         self.class_emb = torch.cat([h.class_emb for h in self._heads])
 
-    def _head(self, model: MuMIC, classes: Sequence[ClassEntry], encode: Callable | None) -> _Head:
-        with torch.inference_mode(), self._autocast():
-            # prompts never change during a run: embed them once, in fp32 after normalisation
-            class_emb = model.encode_prompts([c.prompt for c in classes]).float()
+    def _head(self, model: MuMIC, classes: Sequence[ClassEntry], encode: Callable | None,
+              stored: torch.Tensor | None = None) -> _Head:
+        """The classes' head; `stored` holds the embeddings of the first len(stored) of them."""
+        parts = [] if stored is None else [stored.to(self.device)]
+        prompts = [c.prompt for c in classes[len(stored) if stored is not None else 0:]]
+        if prompts:
+            with torch.inference_mode(), self._autocast():
+                # prompts never change during a run: embed them once, in fp32 after normalisation
+                parts.append(model.encode_prompts(prompts).float())
+        class_emb = torch.cat(parts)
         a, b = platt_arrays(classes)
         platt = None if a is None else (torch.from_numpy(a).to(self.device), torch.from_numpy(b).to(self.device))
         return _Head(encode, class_emb, model.log_scale, model.bias, platt)
@@ -99,14 +107,18 @@ class Predictor:
         The device is resolved before anything is read, so 'cuda' on a machine without one fails at once.
         """
         target = resolve_device(device) if isinstance(device, str) else device
-        model, manifest = load_artifact(artifact, device="cpu")
+        loaded = load_model(artifact, device="cpu")
+        manifest = loaded.manifest
         base = _load_base(manifest) if zero_shot_from == "base" and zero_shot else None
         classes = merge_classes(manifest, zero_shot, from_base=base is not None)
-        predictor = cls(model, manifest, classes, target, precision, compile_model, base)
+        predictor = cls(loaded.model, manifest, classes, target, precision, compile_model, base,
+                        loaded.class_embeddings)
         log.info(
-            "predictor %s %s on %s (%s%s): %d classes (%d zero-shot%s)", manifest.name, manifest.version, target,
-            predictor.precision, ", compiled" if compile_model else "", len(classes),
+            "predictor %s %s on %s (%s%s): %d classes (%d zero-shot%s), %s", manifest.name, manifest.version,
+            target, predictor.precision, ", compiled" if compile_model else "", len(classes),
             len(classes) - len(manifest.classes), ", scored by the base model" if base is not None else "",
+            "the manifest classes' prompt embeddings read from the artifact" if loaded.class_embeddings is not None
+            else "every prompt embedded here (an artifact from before prompt embeddings were stored)",
         )
         return predictor
 
@@ -213,7 +225,8 @@ class Predictor:
     def with_zero_shot(self, zero_shot: Sequence[ClassLike]) -> Predictor:
         """A predictor sharing this model with a different set of zero-shot classes."""
         classes = merge_classes(self.manifest, zero_shot, from_base=self.base is not None)
-        return Predictor(self.model, self.manifest, classes, self.device, self.precision, base=self.base)
+        return Predictor(self.model, self.manifest, classes, self.device, self.precision, base=self.base,
+                         stored=self.stored)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -16,6 +17,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from mumic_batch.config import JobCfg, TagCfg, ZeroShotClassCfg, to_dict
+from mumic_batch.core import status as st
 from mumic_batch.core.errors import ThresholdsExceeded
 from mumic_batch.core.health import check_thresholds
 from mumic_batch.model.manifest import Manifest, check_artifact, check_base
@@ -113,6 +115,8 @@ def _select_and_score(spark: SparkSession, cfg: JobCfg, record: RunRecord, manif
                  record.input_rows, record.selected, selection.method, record.stage_seconds["select"],
                  record.chunks)
         if record.selected:
+            if warm_up is not None:
+                _add_seconds(record, "warm_up_wait", warm_up.finish())
             _score_chunks(spark, cfg, record, staging, chunks, spec, slots, lease)
         else:
             if warm_up is not None:
@@ -275,7 +279,8 @@ def _commit(spark: SparkSession, cfg: JobCfg, record: RunRecord, chunk: Chunk, s
             started: float, lock: threading.Lock, lease: Lease) -> None:
     began = time.perf_counter()
     lease.check()
-    commit_chunk(spark, cfg.tables.predictions, cfg.tag, record.run_id, record.model_version, chunk, staging)
+    commit_chunk(spark, cfg.tables.predictions, cfg.tag, record.run_id, record.model_version, chunk, staging,
+                 stats.counts)
     with lock:
         record.chunks_merged += 1
         record.stage_seconds["write"] = record.stage_seconds.get("write", 0.0) + time.perf_counter() - began
@@ -293,10 +298,10 @@ def _commit(spark: SparkSession, cfg: JobCfg, record: RunRecord, chunk: Chunk, s
 
 
 def commit_chunk(spark: SparkSession, predictions: str, tag: TagCfg, run_id: str, model_version: str, chunk: Chunk,
-                 staging: str) -> None:
+                 staging: str, statuses: Collection[str]) -> None:
     """Commit one scored chunk into an existing predictions table (ensure_predictions): append its
     new rows (at most once per run and chunk), MERGE the rest, and keep the retry table a superset
-    of the transient failures."""
+    of the transient failures. `statuses`: the statuses the staged rows have (ChunkStats.counts)."""
     staged = spark.read.format("delta").load(staging)
     if chunk.prior:
         prior = chunk.todo.where(F.col("prior_attempts").isNotNull()).select("image_id", "prior_attempts")
@@ -305,7 +310,7 @@ def commit_chunk(spark: SparkSession, predictions: str, tag: TagCfg, run_id: str
         staged = staged.withColumn("prior_attempts", F.lit(None).cast("int"))
     # What the MERGE will count; the retry table needs it before the commit.
     staged = staged.withColumn("attempts", (F.coalesce("prior_attempts", F.lit(0)) + 1).cast("int"))
-    failed = staged.where(retry.is_transient(F.col("status"))).limit(1).count() > 0
+    failed = any(st.is_transient(status) for status in statuses)
     if failed:
         retry.add_failures(spark, predictions, staged, tag.max_attempts)
     if chunk.rows > chunk.prior:

@@ -200,8 +200,8 @@ class WarmUp:
     A Spark job of `tasks` one-row tasks starts each worker's runner loading in a background thread
     (start_engine) and ends at once: the task slots stay free for the driver's own jobs (lease,
     selection), which would otherwise queue behind the loads. Spark keeps the idle workers
-    (spark.python.worker.reuse) and hands them to the scoring tasks, which wait for the load to end.
-    It runs in its own job group from a driver thread; stop() cancels it when the run ends first
+    (spark.python.worker.reuse) and hands them to the scoring tasks; finish() waits for the loads
+    before scoring starts. It runs in its own job group from a driver thread; stop() cancels it when the run ends first
     (nothing to score, a held lease, an error). Idle workers are stopped after a minute, so a
     selection slower than that loses the head start, nothing else. The warm-up runs through
     mapInArrow like scoring: Spark pools Python workers per kind of runner.
@@ -223,6 +223,35 @@ class WarmUp:
         """Wait for the warm-up job to end; its rows (pid, had) per task, empty if it failed."""
         self._thread.join(timeout)
         return self.loaded
+
+    def finish(self) -> float:
+        """Before scoring: wait until the workers the warm-up reached have loaded the model; the seconds waited.
+
+        One more job of `tasks` tasks, each waiting for its worker's load (get_engine), so the scoring
+        stage starts on loaded workers and measures scoring alone. Nothing happens when the warm-up
+        failed or was cancelled; a failure here is logged and left to scoring, which loads the model
+        itself and fails with its own error.
+        """
+        self.wait()
+        if not self.loaded:
+            return 0.0
+        started = time.perf_counter()
+        thread = threading.Thread(target=self._await_loads, name="warm-up-finish", daemon=True)
+        thread.start()
+        thread.join()
+        return time.perf_counter() - started
+
+    def _await_loads(self) -> None:
+        started = time.perf_counter()
+        try:
+            self.spark.sparkContext.setJobGroup(self.group, "wait for the Python workers to load the model")
+            rows = (self.spark.range(self.tasks, numPartitions=self.tasks)
+                    .mapInArrow(_ready_batches(self.spec), READY_OUTPUT).collect())
+            log.info("warm-up: %d Python workers have the model; the driver waited %.1f s for their loads",
+                     len({r["pid"] for r in rows}), time.perf_counter() - started)
+        except Exception as err:  # noqa: BLE001 - scoring loads the model itself and reports a real failure
+            log.warning("waiting for the warm-up's loads failed, scoring loads the model itself: %s",
+                        str(err).splitlines()[0][:300])
 
     def stop(self) -> None:
         """Cancel the warm-up if it is still running and wait for its thread."""
@@ -259,6 +288,19 @@ def _warm_batches(spec: EngineSpec) -> Callable[[Iterator[pa.RecordBatch]], Iter
             pass
         had = start_engine(spec, task_device(spec.infer.device))
         yield pa.RecordBatch.from_pydict({"pid": [os.getpid()], "had": [had]})
+
+    return run
+
+
+READY_OUTPUT = "pid long"
+
+
+def _ready_batches(spec: EngineSpec) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for _ in batches:
+            pass
+        get_engine(spec, task_device(spec.infer.device))
+        yield pa.RecordBatch.from_pydict({"pid": [os.getpid()]})
 
     return run
 
