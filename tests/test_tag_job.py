@@ -100,7 +100,7 @@ def test_rerun_adds_no_rows_and_says_so(spark, capsys, tmp_path, catalogue_rows,
     runs = spark.read.format("delta").load(str(tmp_path / "runs")).orderBy("started_at").collect()
     assert [r["processed"] for r in runs] == [len(catalogue_rows), 0, len(catalogue_rows)]
     assert "nothing to do" in runs[1]["message"]
-    assert set(runs[0]["stage_seconds"]) == {"select", "fetch", "decode", "infer", "score_wall", "score_idle", "write"}
+    assert set(runs[0]["stage_seconds"]) == {"select", "warm_up_wait", "fetch", "decode", "infer", "score_wall", "score_idle", "write"}
     assert runs[0]["images_per_s"] > 0 and runs[0]["status_counts"] == {"ok": len(catalogue_rows) - 2,
                                                                          "decode_error": 1, "not_found": 1}
     assert all(r["outcome"] == "succeeded" and json.loads(r["config"])["tables"] for r in runs)

@@ -101,6 +101,15 @@ def _select_and_score(spark: SparkSession, cfg: JobCfg, record: RunRecord, manif
     source = catalogue_version(spark, cfg.tables)
     retry.ensure_retry(spark, cfg.tables.predictions)
     selection = select_work(spark, cfg.tables, cfg.tag, manifest.version, source)
+    # The catalogue passed its checks. Only the commits use the predictions table: create (or
+    # upgrade) it while the driver writes the worklist.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="predictions-table") as pool:
+        table = pool.submit(ensure_predictions, spark, cfg.tables.predictions)
+        _stage_and_score(spark, cfg, record, selection, spec, slots, lease, warm_up, table, started)
+
+
+def _stage_and_score(spark: SparkSession, cfg: JobCfg, record: RunRecord, selection: Selection, spec: EngineSpec,
+                     slots: int, lease: Lease, warm_up: WarmUp | None, table: Future, started: float) -> None:
     record.source, record.source_version = cfg.tables.catalogue, selection.source_version
     record.selection = selection.method
     root = staging_root(cfg.tables.predictions)
@@ -117,8 +126,9 @@ def _select_and_score(spark: SparkSession, cfg: JobCfg, record: RunRecord, manif
         if record.selected:
             if warm_up is not None:
                 _add_seconds(record, "warm_up_wait", warm_up.finish())
-            _score_chunks(spark, cfg, record, staging, chunks, spec, slots, lease)
+            _score_chunks(spark, cfg, record, staging, chunks, spec, slots, lease, table)
         else:
+            table.result()
             if warm_up is not None:
                 warm_up.stop()
             record.message = "nothing to do: every catalogue row already has a current prediction"
@@ -207,15 +217,16 @@ def _worklist(spark: SparkSession, selection: Selection, path: str, tag: TagCfg)
 
 
 def _score_chunks(spark: SparkSession, cfg: JobCfg, record: RunRecord, staging: str, chunks: list[Chunk],
-                  spec: EngineSpec, slots: int, lease: Lease) -> None:
+                  spec: EngineSpec, slots: int, lease: Lease, table: Future) -> None:
     """Score chunk by chunk while a driver thread commits the previous one.
 
     Commits run one at a time and in order, so a crash loses at most the chunk being committed and
     the one being scored, and a rerun resumes from what was committed. The scoring slots are idle
     only while the next chunk waits for the previous commit, and during the last commit. The runs
-    row counts a chunk's rows and statuses only once its commit succeeded.
+    row counts a chunk's rows and statuses only once its commit succeeded. `table`: the creation
+    of the predictions table, which must have succeeded before the first commit.
     """
-    ensure_predictions(spark, cfg.tables.predictions)
+    table.result()
     record.chunks_merged, idle, lock = 0, 0.0, threading.Lock()
     started = time.perf_counter()
     pending: Future | None = None
