@@ -187,17 +187,21 @@ def test_predictor_matches_the_model_and_is_batch_independent(tiny_predictor: Pr
     np.testing.assert_array_equal(tensor_probs, probs)
 
 
-def without_stored_embeddings(artifact: Path, out: Path) -> Path:
-    """A copy of `artifact` as written before prompt embeddings were stored (weights and manifest hash)."""
+def rewrite_weights(artifact: Path, edit) -> Path:
+    """Apply `edit` to an artifact's tensors in place and update the manifest's sha256 and size to match."""
     from safetensors.torch import load_file, save_file
 
-    copy_artifact(artifact, out)
-    tensors = load_file(str(out / "weights.safetensors"))
-    del tensors[CLASS_EMBEDDINGS]
-    save_file(tensors, str(out / "weights.safetensors"), metadata={"format": "pt"})
-    data = (out / "weights.safetensors").read_bytes()
-    rewrite_manifest(out, weights_sha256=hashlib.sha256(data).hexdigest(), weights_size=len(data))
-    return out
+    tensors = load_file(str(artifact / "weights.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(artifact / "weights.safetensors"), metadata={"format": "pt"})
+    data = (artifact / "weights.safetensors").read_bytes()
+    rewrite_manifest(artifact, weights_sha256=hashlib.sha256(data).hexdigest(), weights_size=len(data))
+    return artifact
+
+
+def without_stored_embeddings(artifact: Path, out: Path) -> Path:
+    """A copy of `artifact` as written before prompt embeddings were stored (weights and manifest hash)."""
+    return rewrite_weights(copy_artifact(artifact, out), lambda tensors: tensors.pop(CLASS_EMBEDDINGS))
 
 
 def test_artifact_stores_the_classes_prompt_embeddings(tiny_artifact: Path) -> None:
@@ -220,14 +224,10 @@ def test_predictor_from_stored_embeddings_scores_as_one_that_embeds_the_prompts(
 
 
 def test_stored_embeddings_that_do_not_match_the_classes_are_refused(tiny_artifact: Path, tmp_path: Path) -> None:
-    from safetensors.torch import load_file, save_file
+    def truncate(tensors: dict) -> None:
+        tensors[CLASS_EMBEDDINGS] = tensors[CLASS_EMBEDDINGS][:2].contiguous()
 
-    bad = copy_artifact(tiny_artifact, tmp_path / "bad")
-    tensors = load_file(str(bad / "weights.safetensors"))
-    tensors[CLASS_EMBEDDINGS] = tensors[CLASS_EMBEDDINGS][:2].contiguous()
-    save_file(tensors, str(bad / "weights.safetensors"), metadata={"format": "pt"})
-    data = (bad / "weights.safetensors").read_bytes()
-    rewrite_manifest(bad, weights_sha256=hashlib.sha256(data).hexdigest(), weights_size=len(data))
+    bad = rewrite_weights(copy_artifact(tiny_artifact, tmp_path / "bad"), truncate)
     with pytest.raises(ArtifactError, match=r"class_embeddings are torch.float32 \(2, 64\), expected finite float32 \(5, 64\)"):
         load_artifact(str(bad))
 
