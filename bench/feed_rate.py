@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -137,7 +138,9 @@ def _process_status(args: tuple[str, int]) -> str:
 
 
 def bench_processes(uris: list[str], workers: int, size: int, min_seconds: float) -> dict:
-    with ProcessPoolExecutor(workers) as pool:
+    # Spawned, not forked: a child forked after this process ran torch kernels on several threads can
+    # deadlock in the OpenMP runtime.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(_process_status, [(u, size) for u in uris[:workers * 4]]))  # start the processes
 
         def once() -> int:

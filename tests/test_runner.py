@@ -1,6 +1,7 @@
 """The Spark-free inference runner: one output row per input row, in order, with statuses; batches built
 across frames; bounded memory; Arrow output equal to the per-row output it replaced."""
 
+import io
 import threading
 
 import numpy as np
@@ -8,12 +9,15 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
+from PIL import Image
 
 from mumic_batch.config import DecodeCfg, FetchCfg, InferCfg
 from mumic_batch.core import status as st
 from mumic_batch.core.decode import decode_image
-from mumic_batch.core.preprocess import preprocess
+from mumic_batch.core.preprocess import OPENAI_MEAN, OPENAI_STD, PreprocessSpec, normalise, resize_crop
+from mumic_batch.inference.device import resize_crop_tensor, tensor_resizable
 from mumic_batch.inference.outputs import OUTPUT_COLUMNS, OUTPUT_SCHEMA
+from mumic_batch.inference.prepare import Preparer, image_tensor
 from mumic_batch.inference.runner import Runner
 from mumic_batch.io.fetch import Fetcher
 from mumic_batch.model.predictor import Predictor
@@ -92,9 +96,7 @@ def test_batched_scores_equal_direct_prediction(tiny_predictor, hostile_images):
     uris = [str(hostile_images[k]) for k in ("jpeg", "png", "webp")]
     out = next(runner.run_pandas(iter([frame(uris)])))
     runner.close()
-    pixels = np.stack([preprocess(decode_image(open(u, "rb").read(), DecodeCfg(), tiny_predictor.spec.size).image,
-                                  tiny_predictor.spec) for u in uris])
-    probs, emb = tiny_predictor.predict(pixels)
+    probs, emb = tiny_predictor.predict(np.stack([runner_pixels(runner, u) for u in uris]))
     names = [c.name for c in tiny_predictor.classes]
     for i, row in out.iterrows():
         np.testing.assert_allclose([row["probs"][n] for n in names], probs[i], rtol=1e-5, atol=1e-6)
@@ -172,7 +174,7 @@ def test_arrow_output_equals_the_per_row_output_it_replaced(tiny_artifact, hosti
     assert out.schema.equals(OUTPUT_SCHEMA)
     rows = out.to_pylist()
     for uri, row in zip(uris, rows):
-        expected = legacy_row(predictor, uri, row)
+        expected = legacy_row(predictor, runner, uri, row)
         assert same_except_float_noise(row, expected), (uri, row, expected)
     assert rows[-2]["status"] == "decompression_bomb" and rows[-1]["status"] == "bad_uri"
     assert rows[0]["source_updated_at"].isoformat() == "2026-01-02T03:04:05+00:00"
@@ -191,13 +193,19 @@ def same_except_float_noise(row, expected):
     return set(row) == set(expected)
 
 
-def legacy_row(predictor, uri, actual):
+def runner_pixels(runner, uri):
+    """The normalised [3, S, S] input the runner's CPU path makes of one file."""
+    hwc = runner.preparer.decode_cpu(open(uri, "rb").read())[0]
+    return normalise(hwc, runner.preparer.spec).transpose(2, 0, 1)
+
+
+def legacy_row(predictor, runner, uri, actual):
     """The row the old per-row builder (dicts, tolist) made, from a direct prediction of the same image."""
     expected = dict(actual, probs=None, labels=None, zero_shot_probs=None, zero_shot_labels=None, embedding=None)
     if actual["status"] != st.OK:
         return dict(expected, width=None, height=None, content_sha256=None)
     decoded = decode_image(open(uri, "rb").read(), DecodeCfg(), predictor.spec.size)
-    probs, emb = predictor.predict(preprocess(decoded.image, predictor.spec)[None])
+    probs, emb = predictor.predict(runner_pixels(runner, uri)[None])
     p = probs[0]
     trained = [j for j, c in enumerate(predictor.classes) if not c.zero_shot]
     zero = [j for j, c in enumerate(predictor.classes) if c.zero_shot]
@@ -212,6 +220,35 @@ def legacy_row(predictor, uri, actual):
     return dict(expected, probs=prob_map(trained), labels=labels(trained), zero_shot_probs=prob_map(zero),
                 zero_shot_labels=labels(zero), embedding=[float(x) for x in emb[0].astype(np.float32)],
                 width=decoded.width, height=decoded.height)
+
+
+@pytest.mark.parametrize("mode", ["shortest", "squash"])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (101, 37), (1000, 999), (224, 224), (5000, 4000)])
+def test_torch_resize_matches_pillow(size, interpolation, mode):
+    from tests.fixtures.net import make_jpeg
+
+    image = Image.open(io.BytesIO(make_jpeg(800, 600, seed=3))).convert("RGB").resize(size)
+    spec = PreprocessSpec(224, OPENAI_MEAN, OPENAI_STD, interpolation=interpolation, resize_mode=mode)
+    assert tensor_resizable(spec)
+    tensor = image_tensor(image)
+    # Pillow's own memory (RGBX) without a copy; an image above its allocation block is copied.
+    assert tensor.shape[0] == (3 if size == (5000, 4000) else 4)
+    ours = resize_crop_tensor(tensor, spec).numpy().astype(int)
+    pillow = resize_crop(image, spec).astype(int)
+    assert ours.shape == pillow.shape == (224, 224, 3)
+    diff = np.abs(ours - pillow)
+    assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+
+
+def test_specs_torch_cannot_reproduce_resize_with_pillow(tiny_predictor, hostile_images):
+    data = hostile_images["jpeg"].read_bytes()
+    for spec in (PreprocessSpec(224, OPENAI_MEAN, OPENAI_STD, interpolation="lanczos"),
+                 PreprocessSpec(224, OPENAI_MEAN, OPENAI_STD, resize_mode="longest")):
+        assert not tensor_resizable(spec)
+        preparer = Preparer(Fetcher(FILE_ONLY), DecodeCfg(), spec, decode_workers=1)
+        expected = resize_crop(decode_image(data, DecodeCfg(), 224).image, spec)
+        np.testing.assert_array_equal(preparer.decode_cpu(data)[0], expected)
 
 
 def test_torch_decode_path_matches_pillow_within_tolerance(tiny_predictor, hostile_images, tmp_path):

@@ -170,13 +170,33 @@ def decode_jpegs(datas: Sequence[bytes], device: torch.device) -> list[torch.Ten
     return out
 
 
+# The eval-time interpolations torch's antialiased resize reproduces ("random" is open_clip's train-time
+# option, bicubic at eval).
+_TORCH_INTERPOLATION = {"bicubic": "bicubic", "random": "bicubic", "bilinear": "bilinear"}
+
+
+def tensor_resizable(spec: PreprocessSpec) -> bool:
+    """True when resize_crop_tensor reproduces the eval transform of `spec`: Pillow's bicubic or bilinear
+    filter, then a crop (the padding of resize_mode=longest stays on the Pillow path)."""
+    return spec.interpolation in _TORCH_INTERPOLATION and spec.resize_mode in ("shortest", "squash")
+
+
 def resize_crop_tensor(image: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
-    """uint8 [3, H, W] -> uint8 [S, S, 3]: the eval transform's resize (antialiased bicubic, as Pillow) and crop."""
+    """uint8 [C, H, W] (RGB, or RGBX whose 4th channel is dropped) -> uint8 [S, S, 3]: the eval transform's
+    antialiased resize (Pillow's filter) and centre crop, for a spec that tensor_resizable accepts.
+
+    On the CPU, torch's uint8 kernel (Pillow's fixed-point arithmetic, vectorised) resizes the bytes
+    directly, fastest channels-last; on other devices the filter runs in float.
+    """
     height, width = image.shape[-2:]
     new_w, new_h = resized_size(width, height, spec)
     if (new_w, new_h) != (width, height):
-        resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bicubic", antialias=True,
-                                align_corners=False)
-        image = resized[0].round_().clamp_(0, 255).to(torch.uint8)
+        mode = _TORCH_INTERPOLATION[spec.interpolation]
+        if image.device.type == "cpu" and image.dtype == torch.uint8:
+            image = F.interpolate(image[None], size=(new_h, new_w), mode=mode, antialias=True)[0]
+        else:
+            resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode=mode, antialias=True,
+                                    align_corners=False)
+            image = resized[0].round_().clamp_(0, 255).to(torch.uint8)
     left, top = crop_offsets(new_w, new_h, spec.size)
-    return image[:, top:top + spec.size, left:left + spec.size].permute(1, 2, 0)
+    return image[:3, top:top + spec.size, left:left + spec.size].permute(1, 2, 0)

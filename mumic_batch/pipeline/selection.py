@@ -49,6 +49,9 @@ class Selection:
     source_version: int | None  # catalogue Delta version read by this run (None: not a Delta path)
     counted: int | None  # catalogue rows from Delta statistics (None: not a Delta table)
     observed: Observation | None = None  # else counts the catalogue rows as the worklist is written
+    # Known without a count: False, no selected row has a prediction (all are appended); True, every
+    # one does (all are MERGEd); None, count the rows with prior_attempts.
+    has_prior: bool | None = None
 
     def input_rows(self) -> int | None:
         """Catalogue rows read (duplicates included); call after the worklist was written."""
@@ -116,10 +119,11 @@ def select_work(spark: SparkSession, tables: TablesCfg, tag: TagCfg, model_versi
         raw = raw.observe(observed, F.count(F.lit(1)).alias("rows"))
     if not table_exists(spark, tables.predictions):
         rows = latest(raw).withColumn("prior_attempts", F.lit(None).cast("int"))
-        return Selection(rows, FULL, version, counted, observed)
+        return Selection(rows, FULL, version, counted, observed, has_prior=False)
     if tag.full:
         # Every row goes through the MERGE (which counts attempts), whether or not it has a prediction.
-        return Selection(latest(raw).withColumn("prior_attempts", F.lit(0)), FULL, version, counted, observed)
+        return Selection(latest(raw).withColumn("prior_attempts", F.lit(0)), FULL, version, counted, observed,
+                         has_prior=True)
     since = last_source_version(spark, tables, model_version) if cdf else None
     if since is not None and version is not None:
         ids = _candidate_ids(spark, tables, tag, model_version, since, version)

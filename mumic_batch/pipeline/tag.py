@@ -199,7 +199,10 @@ def _worklist(spark: SparkSession, selection: Selection, path: str, tag: TagCfg)
     if rows == 0:
         return []
     worklist = spark.read.format("delta").load(path)
-    prior = worklist.where(F.col("prior_attempts").isNotNull()).count()
+    if selection.has_prior is None:
+        prior = worklist.where(F.col("prior_attempts").isNotNull()).count()
+    else:
+        prior = rows if selection.has_prior else 0
     if rows <= tag.chunk_rows:
         return [Chunk(1, worklist, rows, prior)]
     n = math.ceil(rows / tag.chunk_rows)
@@ -376,8 +379,6 @@ def _add_seconds(record: RunRecord, stage: str, seconds: float, lock: threading.
         return
     with lock:
         record.stage_seconds[stage] = record.stage_seconds.get(stage, 0.0) + seconds
-
-
 
 
 def summary(cfg: JobCfg, record: RunRecord) -> dict:
