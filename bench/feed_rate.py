@@ -11,7 +11,8 @@ Side by side in one run, on the same generated 640x480 JPEGs, at each worker cou
    batches, Arrow output) with a model that returns outputs of the right shape (512-d embeddings,
    120 classes) at no cost. Its ratio to (1) is the runner's overhead; the gate is >= 0.9.
 
-Then the output cost per row: building Arrow output batches (OutputBuilder) vs the per-row Python
+Then the CPU path's decode + resize per image with torch's uint8 resize (the default) and with Pillow's,
+and the output cost per row: building Arrow output batches (OutputBuilder) vs the per-row Python
 objects the old engine built (a dict of probabilities and a list per embedding, then pandas).
 
     python bench/feed_rate.py                 # 600 images, W = 1 and every core
@@ -226,6 +227,22 @@ def output_cost(args: argparse.Namespace, frames: int = 100) -> dict:
     return {"arrow_us_per_row": arrow_us, "per_row_objects_us_per_row": old_us}
 
 
+def resize_cost(uris: list[str], size: int, rounds: int = 3) -> dict:
+    """CPU ms per image of the CPU path's decode + resize (one thread, files already read), with torch's
+    uint8 resize (the runner's default for open_clip's transform) and with Pillow's, alternated."""
+    datas = [Path(u).read_bytes() for u in uris]
+    prep = preparer(1, size)
+    best = {"torch_ms": float("inf"), "pillow_ms": float("inf")}
+    for _ in range(rounds):
+        for key, tensor in (("torch_ms", True), ("pillow_ms", False)):
+            prep.tensor_resize = tensor
+            started = time.process_time()
+            for data in datas:
+                prep.decode_cpu(data)
+            best[key] = min(best[key], (time.process_time() - started) / len(datas) * 1000.0)
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     args = parse_args(argv)
@@ -244,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             run = max((b for _, b in rounds), key=lambda r: r["images_per_s"])
             rows.append({"workers": w, "prepare": prep, "processes": procs, "runner": run,
                          "ratio": run["images_per_s"] / prep["images_per_s"]})
+        resize = resize_cost(uris, args.size)
     cost = output_cost(args)
     print(machine_line())
     print(f"{args.images} JPEGs 640x480 -> {args.size} px uint8; null model: {args.embed_dim}-d embeddings, "
@@ -259,9 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"output building, CPU per row ({args.frame_rows}-row frames): Arrow {cost['arrow_us_per_row']:.2f} µs; per-row dicts/lists + pandas->Arrow "
           f"{cost['per_row_objects_us_per_row']:.1f} µs")
+    print(f"decode + resize, CPU per image (1 thread): torch uint8 resize {resize['torch_ms']:.2f} ms; Pillow resize "
+          f"{resize['pillow_ms']:.2f} ms ({resize['pillow_ms'] / resize['torch_ms']:.2f}x)")
     gate = all(r["ratio"] >= GATE for r in rows) and cost["arrow_us_per_row"] <= 5.0
     print(f"gate (runner >= {GATE}x prepare at every W, output <= 5 µs/row): {'PASS' if gate else 'FAIL'}")
-    print(json.dumps({"cpu": cpu_model(), "cores": cores, "rows": rows, "output_cost": cost, "gate": gate}))
+    print(json.dumps({"cpu": cpu_model(), "cores": cores, "rows": rows, "output_cost": cost, "resize": resize,
+                      "gate": gate}))
     return 0
 
 

@@ -140,7 +140,7 @@ class InferCfg:
     batch_size: int = 32  # images per model forward pass, filled across Arrow frames (256 or more on a GPU)
     prefetch_batches: int = 2  # model batches prepared ahead of the one the model runs (bounds memory)
     decode_workers: int = 0  # threads decoding and resizing at once; 0: the CPU cores the task was given
-    decode: str = "cpu"  # cpu: Pillow decode + resize on CPU threads; gpu: JPEGs decoded and resized on the device
+    decode: str = "cpu"  # cpu: Pillow decode, torch uint8 resize on CPU threads; gpu: JPEGs decoded and resized on the device
     device: str = "auto"  # auto | cpu | cuda (auto: cuda when torch sees one)
     precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 on CUDA, fp32 on CPU)
     compile: bool = False  # torch.compile the image tower (slower start, faster steady state on a GPU)
