@@ -450,33 +450,30 @@ def in_process(args: argparse.Namespace, cfg: JobCfg, inputs: Inputs
 # ------------------------------------------------------------------------------------------- spark
 
 
-def spark_conf_dir(work: Path) -> tuple[Path, Path]:
-    """A SPARK_CONF_DIR whose spark-defaults.conf turns on an uncompressed event log (task counts)."""
-    conf_dir, events = work / "spark-conf", work / "spark-events"
-    conf_dir.mkdir(exist_ok=True)
+def event_log(out: Path) -> tuple[list[str], Path]:
+    """Overrides that turn on an uncompressed event log (task counts) in out/spark-events, and that directory.
+
+    Passed as Spark settings, not as a SPARK_CONF_DIR: a non-empty directory on the driver's class path
+    would keep the job from mapping its class archive (spark/class_archive.py).
+    """
+    events = out / "spark-events"
     events.mkdir(exist_ok=True)
-    (conf_dir / "spark-defaults.conf").write_text(
-        "spark.eventLog.enabled true\n"
-        f"spark.eventLog.dir file://{events}\n"
-        "spark.eventLog.compress false\n"
-        "spark.eventLog.rolling.enabled false\n"
-    )
-    return conf_dir, events
+    settings = {"enabled": "true", "dir": f"file://{events}", "compress": "false", "rolling.enabled": "false"}
+    return [f"spark.conf.spark.eventLog.{key}={value}" for key, value in settings.items()], events
 
 
 def run_spark(name: str, args: argparse.Namespace, inputs: Inputs, extra: list[str]) -> Result:
     """One `jobs.tag_images --full` subprocess into scratch tables; its summary, runs row and event log."""
     out = inputs.work / "spark" / name
     out.mkdir(parents=True, exist_ok=True)
-    conf_dir, events = spark_conf_dir(out)
-    sets = bench_overrides(args, inputs) + [
+    logging_sets, events = event_log(out)
+    sets = bench_overrides(args, inputs) + logging_sets + [
         f"tables.predictions={out / 'predictions'}", f"tables.runs={out / 'runs'}", f"tables.metrics={out / 'metrics'}",
     ] + extra
     cmd = [sys.executable, "-m", "jobs.tag_images", "--config", str(Path(args.config).resolve()), "--full"]
     for item in sets:
         cmd += ["--set", item]
-    env = dict(os.environ, SPARK_CONF_DIR=str(conf_dir),
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     log.info("spark run %s: %s", name, " ".join(cmd[1:4] + ["..."] + extra))
     started_wall, started = datetime.now(), time.perf_counter()
     proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True)
