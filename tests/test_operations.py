@@ -207,6 +207,15 @@ def test_a_second_run_of_a_version_exits_early_while_the_lease_is_held(spark, ca
 
 
 @pytest.mark.spark
+def test_a_run_has_released_its_lease_when_the_job_returns(spark, capsys, tmp_path, catalogue, tiny_artifact):
+    """The release runs beside the runs-row write, and the job waits for it: a rerun is never locked out."""
+    summary = run_tag_job(capsys, tag_args(tmp_path, catalogue, tiny_artifact))[0]
+    assert summary["processed"] == 12
+    assert spark.read.format("delta").load(lease_path(str(tmp_path / "predictions"))).collect() == []
+    assert runs_rows(spark, tmp_path)[-1]["outcome"] == "succeeded"
+
+
+@pytest.mark.spark
 def test_an_expired_lease_is_taken_over_and_its_holder_cannot_commit(spark, tmp_path):
     predictions = str(tmp_path / "predictions")
     stalled = Lease(spark, predictions, "v1", "stalled-run", lease_s=0.001)

@@ -202,6 +202,13 @@ def check_artifact(uri: str | os.PathLike[str], client: Any | None = None) -> Ma
     For the Spark driver: the weights are streamed through the hash once and not kept, and no model
     is built; the workers that load the model check the same sha256 again on the bytes they parse.
     """
+    manifest = read_artifact_manifest(uri, client)
+    check_weights(uri, manifest, client)
+    return manifest
+
+
+def read_artifact_manifest(uri: str | os.PathLike[str], client: Any | None = None) -> Manifest:
+    """The manifest of the artifact at `uri`, parsed and checked; its weights are not read (check_weights)."""
     uri = str(uri)
     try:
         raw = read_member(uri, MANIFEST_FILE, _MAX_MANIFEST_BYTES, client)
@@ -209,6 +216,12 @@ def check_artifact(uri: str | os.PathLike[str], client: Any | None = None) -> Ma
         raise ArtifactError(f"not a model artifact: {uri}/{MANIFEST_FILE} is missing ({exc})") from exc
     manifest = _parse_manifest(raw, f"{uri}/{MANIFEST_FILE}")
     check_weights_name(manifest)
+    return manifest
+
+
+def check_weights(uri: str | os.PathLike[str], manifest: Manifest, client: Any | None = None) -> None:
+    """Stream the artifact's weights through sha256; raise ArtifactError unless size and hash match `manifest`."""
+    uri = str(uri)
     try:
         size, sha = sha256_member(uri, manifest.weights_file, client)
     except FileNotFoundError as exc:
@@ -219,7 +232,6 @@ def check_artifact(uri: str | os.PathLike[str], client: Any | None = None) -> Ma
     if sha != manifest.weights_sha256:
         raise ArtifactError(f"sha256 mismatch for {uri}/{manifest.weights_file}: manifest "
                             f"{manifest.weights_sha256}, file {sha}; refusing to load")
-    return manifest
 
 
 def check_weights_name(manifest: Manifest) -> None:

@@ -20,7 +20,7 @@ from mumic_batch.config import JobCfg, TagCfg, ZeroShotClassCfg, to_dict
 from mumic_batch.core import status as st
 from mumic_batch.core.errors import ThresholdsExceeded
 from mumic_batch.core.health import check_thresholds
-from mumic_batch.model.manifest import Manifest, check_artifact, check_base
+from mumic_batch.model.manifest import Manifest, check_artifact, check_base, check_weights, read_artifact_manifest
 from mumic_batch.pipeline.runs import RunRecord, recorded
 from mumic_batch.pipeline.selection import BROADCAST_IDS, Selection, catalogue_version, select_work
 from mumic_batch.spark.udf import EngineSpec, WarmUp, ZeroShotClass, with_predictions
@@ -47,27 +47,23 @@ _BASE_AUC_MARGIN = 0.05
 def run(spark: SparkSession, cfg: JobCfg) -> dict:
     """Tag the catalogue's new, changed and retryable rows; return the run summary."""
     record = RunRecord(JOB, to_dict(cfg))
-    return recorded(spark, record, cfg.tables.runs, lambda: _tag(spark, cfg, record))
+    # The lease is deleted while the runs row is written (two small commits at once, ~1 s saved); the
+    # pool's exit waits for the release, so the lease is gone when the job returns.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lease-release") as releaser:
+        return recorded(spark, record, cfg.tables.runs, lambda: _tag(spark, cfg, record, releaser))
 
 
-def _tag(spark: SparkSession, cfg: JobCfg, record: RunRecord) -> dict:
-    # Checked on every run, also one with nothing to score: a corrupt model fails the night it appears.
-    # The driver streams the weights through sha256 once and builds no model; workers check again.
-    manifest = check_artifact(cfg.model.artifact)
-    record.model_name, record.model_version = manifest.name, manifest.version
-    log.info("run %s: model %s version %s from %s", record.run_id, manifest.name, manifest.version,
-             cfg.model.artifact)
-    from_base = cfg.model.zero_shot_from == "base" and bool(cfg.model.zero_shot)
-    if from_base:
-        location, _ = manifest.base_artifact()
-        check_base(manifest, check_artifact(location), location)
-    for z in cfg.model.zero_shot:
-        _log_zero_shot(manifest, z, from_base)
+def _tag(spark: SparkSession, cfg: JobCfg, record: RunRecord, releaser: ThreadPoolExecutor) -> dict:
+    manifest = read_artifact_manifest(cfg.model.artifact)
     spec, slots = engine_spec(cfg, manifest), _slots(spark)
-    # One worker per scoring slot at most: scoring never runs more at once.
+    # The workers start loading the model while the driver checks its weights (they check the same
+    # sha256 on the bytes they parse); a failed check cancels the warm-up. One worker per scoring slot
+    # at most: scoring never runs more at once.
     warm_up = WarmUp(spark, spec, min(slots, cfg.tag.partitions or slots)).start() if cfg.tag.warm_up else None
     try:
-        with Lease(spark, cfg.tables.predictions, manifest.version, record.run_id, cfg.tag.lease_s) as lease:
+        _check_model(cfg, record, manifest)
+        with Lease(spark, cfg.tables.predictions, manifest.version, record.run_id, cfg.tag.lease_s,
+                   releaser) as lease:
             _select_and_score(spark, cfg, record, manifest, lease, spec, slots, warm_up)
     finally:
         if warm_up is not None:
@@ -77,6 +73,21 @@ def _tag(spark: SparkSession, cfg: JobCfg, record: RunRecord) -> dict:
     if failure:
         raise ThresholdsExceeded(f"run {record.run_id} committed its {record.processed} rows but is failed: {failure}")
     return summary(cfg, record)
+
+
+def _check_model(cfg: JobCfg, record: RunRecord, manifest: Manifest) -> None:
+    """Checked on every run, also one with nothing to score: a corrupt model fails the night it appears.
+    The driver streams the weights through sha256 once and builds no model."""
+    check_weights(cfg.model.artifact, manifest)
+    record.model_name, record.model_version = manifest.name, manifest.version
+    log.info("run %s: model %s version %s from %s", record.run_id, manifest.name, manifest.version,
+             cfg.model.artifact)
+    from_base = cfg.model.zero_shot_from == "base" and bool(cfg.model.zero_shot)
+    if from_base:
+        location, _ = manifest.base_artifact()
+        check_base(manifest, check_artifact(location), location)
+    for z in cfg.model.zero_shot:
+        _log_zero_shot(manifest, z, from_base)
 
 
 def engine_spec(cfg: JobCfg, manifest: Manifest) -> EngineSpec:

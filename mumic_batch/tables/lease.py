@@ -19,6 +19,7 @@ import logging
 import re
 import socket
 import threading
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -69,12 +70,17 @@ def _now() -> datetime:
 
 
 class Lease:
-    """The lease of one run on (predictions, model_version); a context manager that renews and releases it."""
+    """The lease of one run on (predictions, model_version); a context manager that renews and releases it.
 
-    def __init__(self, spark: SparkSession, predictions: str, model_version: str, run_id: str, lease_s: float) -> None:
+    With a `releaser`, leaving the context hands the release to it and returns at once, so the run
+    records itself while the lease is deleted; the releaser's owner waits for it before the session ends.
+    """
+
+    def __init__(self, spark: SparkSession, predictions: str, model_version: str, run_id: str, lease_s: float,
+                 releaser: Executor | None = None) -> None:
         self.spark, self.path, self.version, self.run_id, self.lease_s = (
             spark, lease_path(predictions), model_version, run_id, lease_s)
-        self.predictions = predictions
+        self.predictions, self._releaser = predictions, releaser
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
         self._lost: str | None = None
@@ -91,7 +97,10 @@ class Lease:
         if self._renewer is not None:
             self._renewer.join()
         if self._lost is None:
-            self.release()
+            if self._releaser is not None:
+                self._releaser.submit(self.release)
+            else:
+                self.release()
 
     def acquire(self) -> None:
         """Take the lease, or raise LeaseHeld naming the run that holds it."""
