@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyspark
 import pytest
 
 from jobs import jvm_archive as job
@@ -36,6 +37,16 @@ def test_archive_key_follows_the_jdk_packages_and_driver_options(tmp_path, monke
               SparkCfg(packages=("org.apache.hadoop:hadoop-aws:3.4.1",)),
               SparkCfg(driver_java_options="-XX:+UseSerialGC")]
     assert len({archive_key(base), *(archive_key(c) for c in others)}) == 4
+    # The same jars (names and sizes) elsewhere, as in another venv: the JVM checks their paths too.
+    here = archive_key(base)
+    elsewhere = tmp_path / "spark" / "jars"
+    elsewhere.mkdir(parents=True)
+    for jar in (Path(pyspark.__file__).parent / "jars").glob("*.jar"):
+        (elsewhere / jar.name).touch()
+        os.truncate(elsewhere / jar.name, jar.stat().st_size)
+    monkeypatch.setenv("SPARK_HOME", str(tmp_path / "spark"))
+    assert archive_key(base) != here
+    monkeypatch.delenv("SPARK_HOME")
     this_jdk = archive_key(base)
     jdk = tmp_path / "jdk"
     jdk.mkdir()

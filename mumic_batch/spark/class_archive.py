@@ -7,9 +7,10 @@ classes already parsed and verified; a JVM started with it maps them instead. `j
 writes the archive once per machine (`make setup` runs it); every later local run whose archive
 matches uses it.
 
-The archive only fits the JVM build, the Spark jars and the Delta packages it was written with,
-and JVM options such as the garbage collector: all of them go into a key in its file name, so a
-new JDK, a pyspark upgrade or other driver options find no archive (the job logs so and runs
+The archive only fits the JVM build, the Spark jars (where they are, too: each virtualenv gets its
+own) and the Delta packages it was written with, and JVM options such as the garbage collector: all
+of them go into a key in its file name, so a new JDK, another venv, a pyspark upgrade or other
+driver options find no archive (the job logs so and runs
 without it) instead of one the JVM would reject. The JVM also refuses to archive a class path
 holding a non-empty directory: a SPARK_CONF_DIR with files in it (on the driver's class path)
 rules the archive out. Runs under spark-submit never use it: the cluster owns the driver's JVM.
@@ -51,14 +52,17 @@ def spark_home() -> Path:
 
 
 def archive_key(cfg: SparkCfg) -> str:
-    """What the archive depends on: JDK build, Spark's jars, Delta's packages, the driver's JVM options."""
+    """What the archive depends on: JDK build, Spark's jars (where they are and which), Delta's packages,
+    the driver's JVM options."""
     home = java_home()
     release = home / "release" if home else None
     jars = spark_home() / "jars"
     parts = {
         "java": str(home),
         "java_release": release.read_text() if release and release.is_file() else "",
-        "spark_jars": sorted((p.name, p.stat().st_size) for p in jars.glob("*.jar")) if jars.is_dir() else [],
+        # The JVM checks the class path it was archived with, paths included: another venv needs its own.
+        "spark_jars": str(jars.resolve()),
+        "spark_jar_files": sorted((p.name, p.stat().st_size) for p in jars.glob("*.jar")) if jars.is_dir() else [],
         "packages": [cfg.delta_package, *cfg.packages],
         "driver_java_options": cfg.driver_java_options,
     }
