@@ -23,7 +23,13 @@ from pyspark.sql import functions as F
 
 from mumic_batch.config import ConfigError, JobCfg, TablesCfg, TagCfg
 from mumic_batch.pipeline.selection import catalogue_version, select_work
-from mumic_batch.spark.class_archive import archive_path, class_path_blocker, dump_options, stop_and_exit_jvm
+from mumic_batch.spark.class_archive import (
+    archive_path,
+    class_path_blocker,
+    dump_log,
+    dump_options,
+    stop_and_exit_jvm,
+)
 from mumic_batch.spark.session import build_session, under_spark_submit
 from mumic_batch.tables import retry
 from mumic_batch.tables.io import append_predictions, ensure_predictions, merge_predictions, write_table
@@ -47,10 +53,14 @@ def run(cfg: JobCfg, force: bool = False) -> dict:
     started = time.perf_counter()
     log.info("writing the class archive %s: a driver JVM runs the jobs' Spark and Delta operations on scratch "
              "tables and dumps its classes when it exits (about a minute)", path)
-    _run_and_dump(cfg, tmp)
-    classes = _archived_classes(Path(f"{tmp}.log"))
+    try:
+        _run_and_dump(cfg, tmp)
+    except Exception:
+        tmp.unlink(missing_ok=True)  # a JVM that failed part way may still have dumped what it had loaded
+        raise
+    classes = _archived_classes(dump_log(tmp))
     os.replace(tmp, path)
-    Path(f"{tmp}.log").unlink()
+    dump_log(tmp).unlink()
     seconds = time.perf_counter() - started
     log.info("class archive %s written: %d classes, %.0f MiB in %.0f s", path, classes, path.stat().st_size / 2**20,
              seconds)
@@ -84,7 +94,7 @@ def _run_and_dump(cfg: JobCfg, tmp: Path) -> None:
     finally:
         stop_and_exit_jvm(spark)
     if not tmp.is_file():
-        raise RuntimeError(f"the driver JVM exited without writing {tmp}; its class-data log is {tmp}.log")
+        raise RuntimeError(f"the driver JVM exited without writing {tmp}; its class-data log is {dump_log(tmp)}")
 
 
 def _exercise(spark: SparkSession, root: str) -> None:

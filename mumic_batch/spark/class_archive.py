@@ -10,10 +10,9 @@ matches uses it.
 The archive only fits the JVM build, the Spark jars (where they are, too: each virtualenv gets its
 own) and the Delta packages it was written with, and JVM options such as the garbage collector: all
 of them go into a key in its file name, so a new JDK, another venv, a pyspark upgrade or other
-driver options find no archive (the job logs so and runs
-without it) instead of one the JVM would reject. The JVM also refuses to archive a class path
-holding a non-empty directory: a SPARK_CONF_DIR with files in it (on the driver's class path)
-rules the archive out. Runs under spark-submit never use it: the cluster owns the driver's JVM.
+driver options find no archive (the job logs so and runs without it) instead of one the JVM would
+reject. The JVM also refuses to archive a class path holding a non-empty directory: Spark's conf
+directory (SPARK_CONF_DIR, else SPARK_HOME/conf) with files in it rules the archive out. Runs under spark-submit never use it: the cluster owns the driver's JVM.
 """
 
 from __future__ import annotations
@@ -104,10 +103,15 @@ def driver_options(cfg: SparkCfg) -> list[str]:
     return [f"-XX:SharedArchiveFile={path}", *_WARNINGS_TO_STDERR]
 
 
+def dump_log(target: Path) -> Path:
+    """The class-data log of the JVM that writes `target` (dump_options), beside it."""
+    return target.with_name(f"{target.name}.log")
+
+
 def dump_options(target: Path) -> list[str]:
-    """JVM options that write the loaded classes to `target` when the JVM exits, with its CDS log beside it."""
+    """JVM options that write the loaded classes to `target` when the JVM exits, logging to dump_log(target)."""
     # Dumping warns about thousands of classes it skips (signed jars, generated accessors): those go to the log only.
-    return ["-Xlog:all=off:stdout", "-Xlog:all=warning,cds*=off:stderr", f"-Xlog:cds*=info:file={target}.log",
+    return [_WARNINGS_TO_STDERR[0], "-Xlog:all=warning,cds*=off:stderr", f"-Xlog:cds*=info:file={dump_log(target)}",
             f"-XX:ArchiveClassesAtExit={target}"]
 
 
