@@ -6,9 +6,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 
 .PHONY: setup test test-fast demo bench ablation clean
 
-# The local driver JVM's class archive (jobs/jvm_archive.py): written once, a no-op when it exists.
 setup: $(STAMP)
-	$(PY) -m jobs.jvm_archive --config conf/local.yaml --log-level WARNING
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

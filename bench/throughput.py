@@ -453,8 +453,7 @@ def in_process(args: argparse.Namespace, cfg: JobCfg, inputs: Inputs
 def event_log(out: Path) -> tuple[list[str], Path]:
     """Overrides that turn on an uncompressed event log (task counts) in out/spark-events, and that directory.
 
-    Passed as Spark settings, not as a SPARK_CONF_DIR: a non-empty directory on the driver's class path
-    would keep the job from mapping its class archive (spark/class_archive.py).
+    Passed as Spark settings (--set), so the job's own configuration stays the only Spark configuration.
     """
     events = out / "spark-events"
     events.mkdir(exist_ok=True)

@@ -33,7 +33,6 @@ class SparkCfg:
     metastore: str = ""  # local runs: Derby metastore directory that keeps catalog tables (db.table) between jobs; empty: in-memory catalog (paths only)
     warehouse: str = ""  # local runs: spark.sql.warehouse.dir, where catalog tables' files live (empty: Spark's ./spark-warehouse)
     driver_java_options: str = ""  # local runs: JVM options of the driver (spark.driver.extraJavaOptions), e.g. -XX:TieredStopAtLevel=1
-    class_archive: str = ""  # local runs: directory of the driver JVM's class-data archive (jobs.jvm_archive writes it; docs/cluster.md); empty: none
     conf: dict[str, str] = field(default_factory=dict)  # any other Spark settings, verbatim
 
     def __post_init__(self) -> None:

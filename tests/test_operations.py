@@ -43,6 +43,9 @@ def test_status_classes_cover_policy_transient_and_permanent():
     assert st.status_class(st.BLOCKED_PATH) == st.status_class(st.TOO_LARGE) == "policy"
     assert st.status_class(st.TIMEOUT) == st.status_class("http_503") == "transient"
     assert st.status_class(st.NOT_FOUND) == st.status_class("http_404") == st.status_class(st.DECODE_ERROR) == "permanent"
+    # the fetcher retries within a run exactly the answers a later night retries
+    assert {code for code in range(400, 600) if st.is_transient(st.http_status(code))} == st.TRANSIENT_HTTP
+    assert st.status_class("http_501") == st.status_class("http_505") == "permanent"
 
 
 def test_thresholds_name_the_broken_limit_and_the_top_statuses_with_examples():

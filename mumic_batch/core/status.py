@@ -37,7 +37,10 @@ INTERNAL_ERROR = "internal_error"
 # Every other failure is permanent for the same input: it is redone only when the uri or
 # updated_at changes, or with --full.
 TRANSIENT = frozenset({TIMEOUT, FETCH_ERROR, THROTTLED, INTERNAL_ERROR})
-TRANSIENT_HTTP_PATTERN = r"^http_(408|429|5[0-9][0-9])$"
+# HTTP answers worth asking again: within the run (io/fetch_http.py) and on a later night (the status
+# http_<code>). 501 and 505 say the server will never serve the request, so they are permanent.
+TRANSIENT_HTTP = frozenset({408, 429, 500, 502, 503, 504})
+TRANSIENT_HTTP_PATTERN = "^http_(" + "|".join(str(code) for code in sorted(TRANSIENT_HTTP)) + ")$"
 
 
 # Rows refused by this job's own fetch policy (fetch.* allow-lists, size cap): a night full of them

@@ -28,6 +28,7 @@ from mumic_batch.core.status import (
     TIMEOUT,
     TOO_LARGE,
     TOO_MANY_REDIRECTS,
+    TRANSIENT_HTTP,
     ImageError,
     http_status,
 )
@@ -38,7 +39,6 @@ from mumic_batch.io.watchdog import Watch, Watchdog
 
 log = logging.getLogger(__name__)
 
-RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 _CHUNK = 64 * 1024
 
@@ -305,7 +305,7 @@ class HttpReader:
         log.debug("GET %s -> %d", url.raw, code)
         if code in REDIRECT_STATUS and resp.getheader("Location"):
             return _Redirect(str(resp.getheader("Location")))
-        if code in RETRYABLE_STATUS:
+        if code in TRANSIENT_HTTP:
             raise _Retryable(http_status(code), f"http {code}", parse_retry_after(resp.getheader("Retry-After")))
         if not 200 <= code < 300:
             raise FetchError(http_status(code), f"http {code} {resp.reason}")

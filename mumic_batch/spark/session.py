@@ -13,7 +13,6 @@ from typing import Iterator
 from pyspark.sql import SparkSession
 
 from mumic_batch.config import SparkCfg
-from mumic_batch.spark.class_archive import driver_options
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +52,14 @@ def session_settings(cfg: SparkCfg, submitted: bool, catalog: bool = True) -> di
 def catalog_settings(cfg: SparkCfg, catalog: bool = True) -> dict[str, str]:
     """Local runs: a Derby metastore (Hive catalog; pyspark's wheel ships Hive and Derby) under
     spark.metastore when the job names catalog tables, so that they outlive the job; the warehouse
-    where their files live; the driver's JVM options, with its class archive when there is one
-    (spark/class_archive.py). Under spark-submit the cluster's own catalog settings apply instead.
+    where their files live; the driver's JVM options. Under spark-submit the cluster's own catalog
+    settings apply instead.
 
     A job on paths only keeps Spark's in-memory catalog: booting Derby and the Hive client costs it
     seconds (about 20 s for a new metastore), and Derby lets one process at a time open it.
     """
     settings = {}
-    java = [*driver_options(cfg), *([cfg.driver_java_options] if cfg.driver_java_options else [])]
+    java = [cfg.driver_java_options] if cfg.driver_java_options else []
     if cfg.warehouse:
         settings["spark.sql.warehouse.dir"] = str(Path(cfg.warehouse).resolve())
     if cfg.metastore and catalog:
