@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 
-.PHONY: setup test test-fast demo bench ablation clean
+.PHONY: setup test test-main test-slow test-fast demo bench ablation clean
 
 setup: $(STAMP)
 
@@ -15,8 +15,15 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-test: setup
-	$(PY) -m pytest -q tests
+# Two runs, each printing its slowest tests: the main suite, then the tests that start Spark drivers of
+# their own for minutes (S3 with hadoop-aws and the DynamoDB LogStore, killed backfills).
+test: test-main test-slow
+
+test-main: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow tests
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not spark and not slow" tests

@@ -19,7 +19,7 @@ from mumic_batch.pipeline.runs import RunRecord
 from mumic_batch.pipeline.sample import CATALOGUE
 from mumic_batch.tables.io import append_rows
 from mumic_batch.tables.schemas import RUNS
-from tests.fixtures.tagging import run_tag_job, start_tag_job, tag_args, wait_for_lease_expiry
+from tests.fixtures.tagging import run_tag_job, start_tag_job, tag_args, expire_leases
 
 pytestmark = pytest.mark.spark
 
@@ -42,11 +42,8 @@ def catalogue(spark, sample_rows, tmp_path_factory) -> str:
     return path
 
 
-LEASE_S = 30  # short, so that a killed run's lease expires soon; long enough to renew on a loaded machine
-
-
 def backfill_args(tmp: Path, catalogue: str, artifact: Path) -> list[str]:
-    return tag_args(tmp, catalogue, artifact, "--set", "tag.chunk_rows=8", "--set", f"tag.lease_s={LEASE_S}")
+    return tag_args(tmp, catalogue, artifact, "--set", "tag.chunk_rows=8")
 
 
 def staging_entries(tmp: Path) -> list[str] | None:
@@ -83,6 +80,7 @@ def kill_after_first_chunk(proc: subprocess.Popen, log_file: Path, timeout_s: fl
         proc.wait()
 
 
+@pytest.mark.slow  # a driver of its own, killed mid-run: make test-slow
 def test_killed_backfill_resumes_without_loss_or_duplicates(spark, capsys, tmp_path, catalogue, tiny_artifact):
     args = backfill_args(tmp_path, catalogue, tiny_artifact)
     killed_run = kill_after_first_chunk(start_tag_job(args, tmp_path / "job.log"), tmp_path / "job.log")
@@ -90,7 +88,7 @@ def test_killed_backfill_resumes_without_loss_or_duplicates(spark, capsys, tmp_p
     merged = {r["image_id"] for r in preds.select("image_id").collect()}
     assert 0 < len(merged) < 24, "the kill must land between the first chunk's MERGE and the last"
     assert staging_entries(tmp_path) == [killed_run]  # a killed driver cannot clean up
-    wait_for_lease_expiry(spark, tmp_path / "predictions")  # until then a new run exits: see test_operations
+    expire_leases(spark, tmp_path / "predictions")  # until then a new run exits: see test_operations
 
     summary, log = run_tag_job(capsys, args)
 
@@ -105,6 +103,7 @@ def test_killed_backfill_resumes_without_loss_or_duplicates(spark, capsys, tmp_p
     assert run_tag_job(capsys, args)[0]["processed"] == 0
 
 
+@pytest.mark.slow  # a driver of its own, killed mid-run: make test-slow
 def test_killed_change_feed_run_resumes_from_the_last_successful_version(spark, capsys, tmp_path, sample_rows,
                                                                         tiny_artifact):
     path = str(tmp_path / "catalogue")
@@ -117,7 +116,7 @@ def test_killed_change_feed_run_resumes_from_the_last_successful_version(spark, 
     kill_after_first_chunk(start_tag_job(args, tmp_path / "job.log"), tmp_path / "job.log")
     merged = spark.read.format("delta").load(str(tmp_path / "predictions")).count() - 8
     assert 0 < merged < 16
-    wait_for_lease_expiry(spark, tmp_path / "predictions")
+    expire_leases(spark, tmp_path / "predictions")
 
     # The killed run recorded no catalogue version, so the change feed starts after the first run's.
     summary, _ = run_tag_job(capsys, args)
